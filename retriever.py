@@ -1,0 +1,420 @@
+"""The search tool of MemSearcher: BM25 over a local corpus, or a remote server.
+
+When the agent writes <search> query </search>, the environment calls a
+*searcher*: a function `searcher(queries, k)` that takes a list of query
+strings and returns, for each query, its k best passages as dicts
+{"id", "title", "text", "score"}. `format_hits` renders them the way
+Search-R1 shows them to the model, one passage per line:
+
+    Doc 1 (Title: Paris) Paris is the capital of France.
+
+There are two searchers:
+
+* `local_searcher(corpus_path)`: BM25 over a FlashRAG corpus file, in process.
+* `remote_searcher(url)`: a Search-R1 retrieval server (e.g. E5 dense
+  retrieval over Wikipedia) spoken to over HTTP.
+
+BM25 (the Okapi variant of the `rank_bm25` package) scores a passage d for a
+query q, both seen as lists of tokens, as
+
+    score(q, d) = sum over tokens t of q of
+                  idf(t) * tf(t,d) * (k1 + 1) / (tf(t,d) + k1 * (1 - b + b * |d| / avgdl))
+    idf(t)      = ln(N - df(t) + 0.5) - ln(df(t) + 0.5)
+
+with N passages, df(t) = number of passages containing t, tf(t,d) = count of
+t in d, |d| = number of tokens of d, avgdl = mean |d|, k1 = 1.5, b = 0.75.
+tf saturates (a 10th "paris" adds little), long passages are damped, and rare
+words weigh more. This idf is negative for words in more than half of the
+passages; rank_bm25 replaces those by epsilon * (mean idf), epsilon = 0.25.
+
+rank_bm25 computes every score in a Python loop over all passages (about
+0.3 s per query at 100k passages). Here we precompute, for every word, the
+list of passages that contain it together with that word's finished BM25 term
+for each of them (an *inverted index*). A query then only touches the
+passages that share a word with it. The arithmetic is the same, operation by
+operation, so the scores are bitwise equal to rank_bm25's; `reference_scores`
+keeps rank_bm25 around to check that (`python retriever.py --check`).
+
+Run `python retriever.py "who wrote hamlet" -k 3` to query data/corpus.jsonl,
+`python retriever.py --benchmark 10000 100000` to time it on synthetic data.
+"""
+
+import argparse
+import http.client
+import itertools
+import json
+import math
+import re
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+K1, B, EPSILON = 1.5, 0.75, 0.25  # rank_bm25.BM25Okapi defaults
+
+
+# ----------------------------------------------------------------- corpus ---
+
+def split_contents(contents: str) -> tuple[str, str]:
+    """FlashRAG stores a passage as "Title\\ntext". Without a newline the
+    whole string is treated as text with an empty title."""
+    title, newline, text = contents.partition("\n")
+    if not newline:
+        return "", contents.strip()
+    return title.strip(), text.strip()
+
+
+def parse_corpus_line(raw: bytes, where: str) -> dict:
+    """One JSONL line -> {"id", "title", "text"}; `where` prefixes errors."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not valid UTF-8 ({e}); re-encode the file as UTF-8") from None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e}); each line must be one JSON object") from None
+    if not isinstance(row, dict):
+        raise ValueError(  # noqa: TRY004 (every bad corpus line is a ValueError)
+            f"{where}: expected a JSON object like {{\"id\": ..., \"contents\": ...}}")
+    if not isinstance(row.get("contents"), str) or not row["contents"].strip():
+        raise ValueError(f"{where}: missing or empty \"contents\" (expected \"Title\\ntext\")")
+    if not isinstance(row.get("id"), (str, int)) or isinstance(row["id"], bool) or row["id"] == "":
+        raise ValueError(f"{where}: missing or empty \"id\" (expected a string or integer)")
+    title, text = split_contents(row["contents"])
+    return {"id": str(row["id"]), "title": title, "text": text}
+
+
+def load_corpus(path) -> list[dict]:
+    """Read a FlashRAG corpus JSONL into [{"id", "title", "text"}, ...].
+    Blank lines are skipped; any bad line raises ValueError("path:line: ...")."""
+    try:
+        with open(path, "rb") as f:  # bytes, so a bad encoding is reported per line
+            raw_lines = f.read().split(b"\n")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"corpus file not found: {path}") from None
+    docs, seen = [], {}
+    for lineno, raw in enumerate(raw_lines, start=1):
+        if not raw.strip():
+            continue
+        doc = parse_corpus_line(raw, f"{path}:{lineno}")
+        if doc["id"] in seen:
+            raise ValueError(f"{path}:{lineno}: duplicate id {doc['id']!r} "
+                             f"(first seen on line {seen[doc['id']]}); ids must be unique")
+        seen[doc["id"]] = lineno
+        docs.append(doc)
+    if not docs:
+        raise ValueError(f"{path}: the corpus contains no passages")
+    return docs
+
+
+# ------------------------------------------------------------- tokenizer ---
+
+WORD = re.compile(r"\w+")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercase, then keep runs of letters/digits/underscore. Names and years
+    stay whole tokens ("1981", "o'neil" -> "o", "neil"), punctuation is dropped.
+    No stemming or stopword list: BM25's idf already makes "the" weigh little."""
+    return WORD.findall(text.lower())
+
+
+def passage_tokens(doc: dict) -> list[str]:
+    """What BM25 indexes: title and text, i.e. the whole FlashRAG "contents"."""
+    return tokenize(doc["title"] + "\n" + doc["text"])
+
+
+# ------------------------------------------------------------ BM25 index ---
+
+class BM25Index(NamedTuple):
+    """Postings in CSR layout: the passages containing term id t are
+    post_docs[offsets[t]:offsets[t+1]] and their BM25 terms (idf * saturated
+    tf, see the module docstring) are post_weights[same slice]."""
+    docs: list[dict]
+    vocab: dict[str, int]      # token -> term id
+    offsets: np.ndarray        # int64[V + 1]
+    post_docs: np.ndarray      # int64[P], ascending within each term
+    post_weights: np.ndarray   # float64[P]
+    avgdl: float
+
+
+def token_ids(docs: list[dict], show_progress: bool):
+    """Tokenize every passage and map tokens to ids in order of first
+    appearance (the order rank_bm25 meets words in, which matters for its
+    mean idf). Returns (vocab, flat int32 ids of all tokens, int64 lengths)."""
+    vocab = defaultdict(itertools.count().__next__)  # unseen token -> next id
+    ids, lengths = [], np.empty(len(docs), dtype=np.int64)
+    bar = tqdm(docs, desc="tokenizing", disable=not show_progress, delay=2)  # shown after 2 s
+    for i, doc in enumerate(bar):
+        ids.append(np.fromiter(map(vocab.__getitem__, passage_tokens(doc)), dtype=np.int32))
+        lengths[i] = len(ids[-1])
+    return dict(vocab), np.concatenate(ids), lengths
+
+
+def okapi_idf(df: np.ndarray, n_docs: int) -> np.ndarray:
+    """idf per term id exactly as rank_bm25's _calc_idf: math.log (not np.log,
+    whose last bit may differ) and a left-to-right sum for the mean."""
+    idf = [math.log(n_docs - d + 0.5) - math.log(d + 0.5) for d in df.tolist()]
+    idf_sum = 0.0
+    for value in idf:  # not sum(): Python >= 3.12 sums floats with compensation
+        idf_sum += value
+    floor = EPSILON * idf_sum / len(idf) if idf else 0.0
+    return np.array([value if value >= 0 else floor for value in idf], dtype=np.float64)
+
+
+def build_index(docs: list[dict], show_progress: bool = True) -> BM25Index:
+    """Build the inverted index with numpy: no per-passage Python dicts."""
+    if not docs:
+        raise ValueError("cannot build a BM25 index over an empty corpus")
+    vocab, term_of_token, lengths = token_ids(docs, show_progress)
+    n_docs, n_terms = len(docs), len(vocab)
+    avgdl = int(lengths.sum()) / n_docs  # Python division, as rank_bm25
+    # One key per token: term * N + doc. Sorting the keys groups tokens by
+    # term, then by passage; np.unique's counts are the term frequencies.
+    doc_of_token = np.repeat(np.arange(n_docs, dtype=np.int64), lengths)
+    keys, tf = np.unique(term_of_token.astype(np.int64) * n_docs + doc_of_token,
+                         return_counts=True)
+    del doc_of_token, term_of_token
+    post_terms, post_docs = np.divmod(keys, n_docs)
+    df = np.bincount(post_terms, minlength=n_terms)  # passages per term
+    offsets = np.concatenate([[0], np.cumsum(df)])
+    idf = okapi_idf(df, n_docs)
+    # Same operations in the same order as rank_bm25's get_scores, so every
+    # float is identical: idf * (tf * (k1+1) / (tf + k1 * (1 - b + b*|d|/avgdl)))
+    norm = K1 * (1 - B + B * lengths[post_docs] / avgdl)
+    weights = idf[post_terms] * (tf * (K1 + 1) / (tf + norm))
+    # post_docs stays int64: numpy would convert int32 indices on every query.
+    return BM25Index(docs, vocab, offsets, post_docs, weights, avgdl)
+
+
+def bm25_scores(index: BM25Index, query: str) -> np.ndarray:
+    """Dense float64[N] BM25 scores of every passage for one query. Tokens
+    are added in query order, repeats included, like rank_bm25; an unknown
+    token adds nothing. Passages sharing no token with the query score 0."""
+    scores = np.zeros(len(index.docs))
+    for token in tokenize(query):
+        t = index.vocab.get(token)
+        if t is not None:
+            start, end = index.offsets[t], index.offsets[t + 1]
+            scores[index.post_docs[start:end]] += index.post_weights[start:end]
+    return scores
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best scores, by score descending, ties broken by the
+    lower passage index. Always k results (if N >= k), even if some score 0."""
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    kth = np.partition(scores, len(scores) - k)[len(scores) - k]  # k-th best score
+    above = np.flatnonzero(scores > kth)
+    tied = np.flatnonzero(scores == kth)[: k - len(above)]  # lowest indices first
+    chosen = np.concatenate([above, tied])
+    return chosen[np.lexsort((chosen, -scores[chosen]))]  # last key sorts first
+
+
+def search(index: BM25Index, queries: list[str], k: int) -> list[list[dict]]:
+    """For each query, its top-k hits {"id", "title", "text", "score"}."""
+    if isinstance(queries, str):
+        raise TypeError("queries must be a list of strings, not one string")
+    results = []
+    for query in queries:
+        scores = bm25_scores(index, query)
+        results.append([{**index.docs[i], "score": float(scores[i])} for i in top_k(scores, k)])
+    return results
+
+
+def reference_scores(docs: list[dict], queries: list[str]) -> list[np.ndarray]:
+    """The same scores from rank_bm25 itself (slow; for tests and --check)."""
+    from rank_bm25 import BM25Okapi
+    bm25 = BM25Okapi([passage_tokens(doc) for doc in docs])
+    return [bm25.get_scores(tokenize(q)) for q in queries]
+
+
+def format_hits(hits: list[dict], show_scores: bool = False) -> str:
+    """Search-R1's rendering of one query's hits, one line each (the score
+    in front only for humans: the model never sees it)."""
+    def score(h):
+        return f"[{h['score']:.3f}] " if show_scores and h["score"] is not None else ""
+    return "\n".join(f"{score(h)}Doc {i} (Title: {h['title']}) {h['text']}"
+                     for i, h in enumerate(hits, 1))
+
+
+def local_searcher(corpus_path, show_progress: bool = True):
+    """Load a corpus, index it, and return searcher(queries, k)."""
+    index = build_index(load_corpus(corpus_path), show_progress)
+    return lambda queries, k: search(index, queries, k)
+
+
+# -------------------------------------------------------- remote server ---
+
+def post_json(url: str, payload: dict, timeout: float, retries: int, backoff: float):
+    """POST JSON and return the decoded answer. Timeouts, connection errors
+    and HTTP 5xx are retried after backoff, 2*backoff, 4*backoff... seconds;
+    HTTP 4xx (our request is wrong) fails at once."""
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    for attempt in range(max(retries, 0) + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                body = response.read().decode("utf-8", errors="replace")
+            break
+        except urllib.error.HTTPError as e:
+            problem = f"HTTP {e.code}, body: {e.read()[:300].decode('utf-8', 'replace')!r}"
+            if e.code < 500:
+                raise RuntimeError(f"retrieval server {url} rejected the request: {problem}") from None
+        except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
+            reason = getattr(e, "reason", e)
+            problem = (f"timeout (no answer within {timeout} s)" if isinstance(reason, TimeoutError)
+                       else f"connection error: {reason}")
+    else:
+        raise RuntimeError(f"retrieval server {url} failed after {retries + 1} attempts; "
+                           f"last error: {problem}")
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"retrieval server {url} answered non-JSON: {body[:300]!r}") from None
+
+
+def parse_server_hit(item, url: str) -> dict:
+    """{"document": {"id", "contents"}, "score"} or, without scores, a bare
+    {"id", "contents"} -> {"id", "title", "text", "score"}; id/score may be None."""
+    doc = item.get("document", item) if isinstance(item, dict) else None
+    if not isinstance(doc, dict) or not isinstance(doc.get("contents"), str):
+        raise RuntimeError(  # noqa: TRY004 (a bad server answer is a RuntimeError)
+            f"retrieval server {url}: expected a hit like {{'document': {{'contents': ...}}, "
+            f"'score': ...}}, got {str(item)[:300]!r}")
+    title, text = split_contents(doc["contents"])
+    score = item.get("score") if "document" in item else None
+    doc_id = str(doc["id"]) if doc.get("id") is not None else None
+    return {"id": doc_id, "title": title, "text": text,
+            "score": None if score is None else float(score)}
+
+
+def remote_searcher(url: str, timeout: float = 30, retries: int = 3, backoff: float = 1.0):
+    """Return searcher(queries, k) that asks a Search-R1 retrieval server
+    (`url` is the full endpoint, e.g. http://host:8000/retrieve). All queries
+    of one call travel in one request."""
+    def searcher(queries: list[str], k: int) -> list[list[dict]]:
+        if isinstance(queries, str):
+            raise TypeError("queries must be a list of strings, not one string")
+        payload = {"queries": list(queries), "topk": k, "return_scores": True}
+        answer = post_json(url, payload, timeout, retries, backoff)
+        result = answer.get("result") if isinstance(answer, dict) else None
+        if not isinstance(result, list) or len(result) != len(queries) \
+                or not all(isinstance(hits, list) for hits in result):
+            raise RuntimeError(f"retrieval server {url}: expected {{'result': [one list of hits per "
+                               f"query]}} with {len(queries)} lists, got {str(answer)[:300]!r}")
+        return [[parse_server_hit(item, url) for item in hits] for hits in result]
+    return searcher
+
+
+# -------------------------------------------------------------- benchmark ---
+
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def pseudo_word(i: int) -> str:
+    """A distinct pronounceable word per integer (its base-70 digits as syllables)."""
+    word = SYLLABLES[i % 70]
+    while i >= 70:
+        i //= 70
+        word += SYLLABLES[i % 70]
+    return word
+
+
+def synthetic_corpus(n: int, vocab_size: int = 100_000, seed: int = 0,
+                     length: tuple[int, int] = (60, 100)) -> list[dict]:
+    """n passages of 60-100 words drawn from a Zipf law (the r-th most common
+    word has probability ~ 1/r, so the top words occur in almost every
+    passage), each titled with two rare words. Deterministic given seed."""
+    rng = np.random.default_rng(seed)
+    words = [pseudo_word(i) for i in range(vocab_size)]
+    p = 1.0 / np.arange(1, vocab_size + 1)
+    lengths = rng.integers(length[0], length[1] + 1, size=n)
+    tokens = rng.choice(vocab_size, size=int(lengths.sum()), p=p / p.sum())
+    titles = rng.integers(vocab_size // 2, vocab_size, size=(n, 2)).tolist()
+    ends = np.cumsum(lengths).tolist()
+    return [{"id": str(i), "title": f"{words[a]} {words[b]}".title(),
+             "text": " ".join(map(words.__getitem__, tokens[end - size:end].tolist()))}
+            for i, ((a, b), end, size) in enumerate(zip(titles, ends, lengths.tolist()))]
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory of this process in MB, from /proc (Linux only)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def benchmark(sizes: list[int], n_queries: int = 100, seed: int = 0) -> None:
+    for n in sizes:
+        docs = synthetic_corpus(n, seed=seed)
+        rng = np.random.default_rng(seed + 1)
+        queries = [" ".join(rng.choice(docs[i]["text"].split(), 6, replace=False))
+                   for i in rng.integers(0, n, n_queries)]
+        rss_before, start = rss_mb(), time.perf_counter()
+        index = build_index(docs, show_progress=False)
+        build_s = time.perf_counter() - start
+        arrays_mb = sum(a.nbytes for a in index[2:5]) / 2**20
+        latencies = []
+        for q in queries:
+            start = time.perf_counter()
+            search(index, [q], 10)
+            latencies.append(1000 * (time.perf_counter() - start))
+        print(f"{n:>9,} passages: build {build_s:6.1f} s, index arrays {arrays_mb:6.0f} MB "
+              f"(RSS +{rss_mb() - rss_before:.0f} MB, {len(index.vocab):,} terms), query "
+              f"mean {np.mean(latencies):.2f} ms, p95 {np.percentile(latencies, 95):.2f} ms", flush=True)
+        if n <= 100_000:
+            from rank_bm25 import BM25Okapi
+            bm25 = BM25Okapi([passage_tokens(doc) for doc in docs])
+            start = time.perf_counter()
+            for q in queries[:5]:
+                bm25.get_scores(tokenize(q))
+            print(f"{'':>19} rank_bm25 get_scores: {200 * (time.perf_counter() - start):.0f} ms/query")
+        del docs, index
+
+
+def check(index: BM25Index, queries: list[str], k: int) -> None:
+    """Compare our scores and top-k with rank_bm25 on the loaded corpus."""
+    for query, ref in zip(queries, reference_scores(index.docs, queries)):
+        fast = bm25_scores(index, query)
+        same_top = list(top_k(fast, k)) == list(np.lexsort((np.arange(len(ref)), -ref))[:k])
+        print(f"{query!r}: max |diff| {np.abs(fast - ref).max():.3g}, "
+              f"bitwise equal {np.array_equal(fast, ref)}, same top-{k} {same_top}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("queries", nargs="*", help="queries to search for")
+    parser.add_argument("--corpus", default="data/corpus.jsonl", help="FlashRAG corpus JSONL")
+    parser.add_argument("--url", help="query a Search-R1 server (e.g. http://host:8000/retrieve)")
+    parser.add_argument("-k", type=int, default=3, help="hits per query")
+    parser.add_argument("--check", action="store_true", help="compare scores with rank_bm25")
+    parser.add_argument("--benchmark", type=int, nargs="+", metavar="N",
+                        help="time build and queries on synthetic corpora of N passages")
+    args = parser.parse_args()
+    if not (args.queries or args.check or args.benchmark):
+        parser.error("give at least one query, --check or --benchmark")
+    if args.benchmark:
+        return benchmark(args.benchmark)
+    if args.url:
+        results = remote_searcher(args.url)(args.queries, args.k)
+    else:
+        index = build_index(load_corpus(args.corpus))
+        if args.check:
+            sample = [f"{d['title']} {d['text']}"[:60] for d in index.docs[:5]]
+            return check(index, args.queries or sample, args.k)
+        results = search(index, args.queries, args.k)
+    for query, hits in zip(args.queries, results):
+        print(f"\n== {query}\n{format_hits(hits, show_scores=True)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,611 @@
+"""Tests for memsearcher.py and retriever.py, offline on the CPU with a tiny Qwen2 built from data/.
+
+    HF_HUB_OFFLINE=1 python -m pytest -q
+"""
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from rank_bm25 import BM25Okapi
+
+import data.make_world as make_world
+import memsearcher as ms
+import retriever as r
+from retriever import local_searcher
+
+ROOT = Path(__file__).parent
+
+
+def tiny_config(tmp, **overrides):
+    base = {**ms.PRESETS["tiny"], "output_dir": str(tmp), "tiny_hidden": 64, "tiny_layers": 2}
+    return ms.Config(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def searcher():
+    return local_searcher(ms.Config().corpus, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A random tiny Qwen2 on disk, loaded through the Auto classes: (cfg, model, tokenizer)."""
+    cfg = tiny_config(tmp_path_factory.mktemp("tiny"))
+    path = ms.build_tiny_model(cfg, ms.tiny_tokenizer_texts(cfg.corpus, [cfg.train_file]))
+    model, tokenizer = ms.load_policy(path, torch.device("cpu"))
+    return cfg, model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def formatted(tiny, searcher):
+    """The tiny model after a short imitation phase: it writes the format (names are still guesses)."""
+    cfg, _, _ = tiny
+    model, tokenizer = ms.load_policy(str(Path(cfg.output_dir) / "tiny-init"), torch.device("cpu"))
+    cfg = tiny_config(cfg.output_dir, warm_steps=120, warm_batch=8, warm_lr=3e-3)
+    questions = ms.load_questions(cfg.train_file)[:400]
+    ms.warm_start(model, tokenizer, searcher, questions, cfg)
+    return cfg, model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- prompt ---
+
+def test_prompt_holds_question_and_memory_only(tiny):
+    _, _, tokenizer = tiny
+    ids = ms.render_prompt(tokenizer, "Where was Ilvo Marsk born?", "Ilvo Marsk was born in Tarvel.")
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\n" + ms.SYSTEM_PROMPT + "<|im_end|>")
+    assert "<question> Where was Ilvo Marsk born? </question>" in text
+    assert "<memory> Ilvo Marsk was born in Tarvel. </memory>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    assert tokenizer(text, add_special_tokens=False).input_ids == ids      # nothing lost in rendering
+
+
+def test_prompt_length_does_not_depend_on_history(tiny):
+    _, _, tokenizer = tiny
+    short = ms.render_prompt(tokenizer, "Q?", "")
+    assert len(ms.render_prompt(tokenizer, "Q?", "")) == len(short)
+    assert len(ms.render_prompt(tokenizer, "Q?", "one fact.")) > len(short)
+
+
+# --------------------------------------------------------------------------------------------- parsing ---
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think> need facts </think>\n<search> Ilvo Marsk born </search>", ("search", "Ilvo Marsk born")),
+    ("<think> I know it </think>\n<answer> Tarvel </answer>", ("answer", "Tarvel")),
+    ("<answer>Tarvel</answer>", ("answer", "Tarvel")),                             # think is optional
+    ("\n<think>\nx\n</think>\n\n<answer>\n  Osmaria \n</answer>", ("answer", "Osmaria")),
+    ("Sure. <think> x </think> Let me look. <search> q </search>", ("search", "q")),    # free text ignored
+    ("<search> q </search>\n", ("search", "q")),                # the stop token may carry a newline
+    ("<search>a</search><answer>b</answer>", ("search", "a")),  # generation stops at the first action
+    ("<answer>b</answer><search>a</search>", ("answer", "b")),
+    ("<answer> a < b </answer>", ("answer", "a < b")),          # '<' that is not a tag is text
+    ("<answer> Zoë Ångström </answer>", ("answer", "Zoë Ångström")),
+    ("<think> no action </think>", ("malformed", "no </search> or </answer>")),
+    ("", ("malformed", "no </search> or </answer>")),
+    ("<think> unclosed <search> q </search>", ("malformed", "unclosed <think>")),
+    ("<think> maybe <search> q </search> </think>", ("malformed", "unclosed <think>")),  # search in think
+    ("<think> the </answer> tag </think><answer> x </answer>", ("malformed", "</answer> without <answer>")),
+    ("<search>   </search>", ("malformed", "empty <search>")),
+    ("<think> x </think><answer>\n</answer>", ("malformed", "empty <answer>")),
+    ("q </search>", ("malformed", "</search> without <search>")),
+    ("<search> a <answer> b </answer>", ("malformed", "unexpected <search> before <answer>")),
+    ("<memory> x </memory><answer> y </answer>", ("malformed", "unexpected <memory> before <answer>")),
+    ("<information> x </information><answer> y </answer>",
+     ("malformed", "unexpected <information> before <answer>")),
+    ("<think> a </think><think> b </think><answer> c </answer>",
+     ("malformed", "unexpected <think> before <answer>")),
+    ("<SEARCH> q </SEARCH>", ("malformed", "no </search> or </answer>")),       # tags are case-sensitive
+    ("<search> q <think> x </think> </search>", ("malformed", "tag inside <search>")),
+])
+def test_parse_action(text, expected):
+    assert ms.parse_action(text) == expected
+
+
+@pytest.mark.parametrize("text, memory, reason", [
+    ("<memory> Ilvo Marsk was born in Tarvel. </memory>", "Ilvo Marsk was born in Tarvel.", None),
+    ("<think> keep the city </think><memory> Tarvel </memory>", "Tarvel", None),
+    ("<memory> </memory>", "", None),                                   # nothing worth keeping is allowed
+    ("Ilvo Marsk was born in Tarvel.", None, "malformed_memory"),          # no tags
+    ("<memory> Ilvo Marsk was born", None, "malformed_memory"),           # unclosed (truncated)
+    ("<memory> x <search> y </search> </memory>", None, "malformed_memory"),
+    ("<memory> " + "fact " * 200 + "</memory>", None, "memory_over_limit"),  # huge memory
+])
+def test_memory_update(tiny, text, memory, reason):
+    _, _, tokenizer = tiny
+    assert ms.memory_update(text, tokenizer, max_memory_tokens=96) == (memory, reason)
+
+
+def test_stop_index_keeps_the_token_that_ends_the_stop_string():
+    pieces = ["<search", ">", " q", " </", "search", ">\n", " junk"]
+    assert ms.stop_index(pieces, {99}, list(range(7)), ms.ACTION_STOPS) == (6, True)
+    assert ms.stop_index(["a", "b", "<eos>", "c"], {2}, [0, 1, 2, 3], ms.ACTION_STOPS) == (3, True)
+    assert ms.stop_index(["a", "b"], {9}, [0, 1], ms.ACTION_STOPS) == (2, False)
+
+
+# ---------------------------------------------------------------------------------------------- reward ---
+
+@pytest.mark.parametrize("prediction, golds, em", [
+    ("Tarvel", ["Tarvel"], 1.0),
+    ("tarvel.", ["Tarvel"], 1.0),                          # case and punctuation
+    ("The Vell Orchard", ["Vell Orchard"], 1.0),           # articles
+    ("  an   apple ", ["Apple"], 1.0),                     # white space and 'an'
+    ("Ilvo-Marsk", ["IlvoMarsk"], 1.0),                    # hyphen is punctuation, removed
+    ("Tarvel City", ["Tarvel"], 0.0),                      # no partial credit
+    ("Osmaria", ["Tarvel", "osmaria"], 1.0),               # max over gold answers
+    ("", ["Tarvel"], 0.0),
+    ("theater", ["ater"], 0.0),                            # 'the' only as a whole word
+])
+def test_exact_match(prediction, golds, em):
+    assert ms.exact_match(prediction, golds) == em
+
+
+# ------------------------------------------------------------------------------------------------ GRPO ---
+
+def test_group_advantages_known_numbers():
+    adv = ms.group_advantages([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], group_size=4)
+    # group 1: mean 0.25, unbiased std 0.5 -> (1 - 0.25) / 0.5 = 1.5 and (0 - 0.25) / 0.5 = -0.5
+    assert torch.allclose(adv[:4], torch.tensor([1.5, -0.5, -0.5, -0.5]), atol=1e-5)
+    assert torch.equal(adv[4:], torch.zeros(4))             # all equal: zero, not NaN
+    assert torch.equal(ms.group_advantages([0.0, 0.0], 2), torch.zeros(2))
+    assert torch.equal(ms.group_advantages([1.0, 0.0], 1), torch.tensor([1.0, 0.0]))   # G = 1: A = r
+
+
+def test_conversation_rows_copy_the_trajectory_advantage_to_every_turn():
+    trajs = [{"convs": [{"ids": [1], "mask": [1]}, {"ids": [2], "mask": [1]}]}, {"convs": [{"ids": [3], "mask": [1]}]}]
+    rows = ms.conversation_rows(trajs, torch.tensor([0.5, -2.0]))
+    assert [(r["ids"], r["adv"]) for r in rows] == [([1], 0.5), ([2], 0.5), ([3], -2.0)]
+
+
+def slow_reference_loss(trajectories, advantages, clip_eps, dual_clip, kl_coef):
+    """Multi-context GRPO written as plain loops: trajectory -> conversation -> token."""
+    total, n = 0.0, 0
+    for traj, a in zip(trajectories, advantages):
+        for conv in traj:                                   # every conversation gets the same advantage
+            for lp, old, ref, m in zip(*conv):
+                if not m:
+                    continue
+                ratio = torch.exp(lp - old)
+                loss = -min(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+                if a < 0:
+                    loss = min(loss, -dual_clip * a)
+                loss = loss + kl_coef * (torch.exp(ref - lp) - (ref - lp) - 1)
+                total, n = total + loss, n + 1
+    return total / n
+
+
+def test_grpo_loss_equals_slow_per_conversation_reference():
+    gen = torch.Generator().manual_seed(0)
+    trajectories, advantages = [], [1.3, -0.7, 0.0, -2.5]
+    for _ in advantages:                                    # 1-3 conversations of 3-9 tokens each
+        convs = []
+        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+            T = int(torch.randint(3, 10, (1,), generator=gen))
+            logp = -torch.rand(T, generator=gen) * 3
+            convs.append((logp, logp + 0.5 * torch.randn(T, generator=gen), logp + 0.3 * torch.randn(T, generator=gen),
+                          (torch.rand(T, generator=gen) > 0.3).float()))
+        trajectories.append(convs)
+    rows = [(c, a) for convs, a in zip(trajectories, advantages) for c in convs]
+    T = max(len(c[0]) for c, _ in rows)
+    pad = lambda i: torch.stack([torch.nn.functional.pad(c[i], (0, T - len(c[i]))) for c, _ in rows])  # noqa: E731
+    logp, old, ref, mask = pad(0), pad(1), pad(2), pad(3)
+    adv = torch.tensor([a for _, a in rows])
+    n_tokens = mask.sum()
+    # split into two micro-batches: the token mean over the whole batch must not depend on the split
+    loss = sum(ms.grpo_loss(logp[s], old[s], ref[s], adv[s], mask[s], n_tokens, 0.2, 3.0, 0.1)[0]
+               for s in (slice(0, 3), slice(3, None)))
+    expected = slow_reference_loss(trajectories, advantages, 0.2, 3.0, 0.1)
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_chunked_logprobs_equal_full_logits(tiny):
+    _, model, _ = tiny
+    ids = torch.randint(0, model.config.vocab_size, (3, 17))
+    attention = torch.ones_like(ids)
+    attention[2, 12:] = 0
+    mask = (torch.rand(3, 17) > 0.4).float()
+    mask[:, 0] = 0
+    mask[2, 12:] = 0
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits.float(), -1)
+        expected = torch.zeros(3, 17)
+        expected[:, 1:] = full[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2)
+        got = ms.token_logprobs(model, ids, attention, mask, chunk=5)
+    assert torch.allclose(got, expected * mask, atol=1e-5)
+
+
+def test_positive_advantage_raises_that_conversations_logprob(tiny):
+    cfg, model, tokenizer = tiny
+    model = ms.load_policy(str(Path(cfg.output_dir) / "tiny-init"), torch.device("cpu"))[0]
+    prompt = ms.render_prompt(tokenizer, "Where was Ilvo Marsk born?", "")
+    sampled = tokenizer("<search> Ilvo Marsk born </search>", add_special_tokens=False).input_ids
+    up = {"ids": prompt + sampled, "mask": [0] * len(prompt) + [1] * len(sampled), "adv": 1.0}
+    down = {**up, "ids": prompt + sampled[::-1], "adv": -1.0}
+
+    def logp(row):
+        ids, attention, mask, _ = ms.collate([row], tokenizer.pad_token_id, model.device)
+        with torch.no_grad():
+            return (ms.token_logprobs(model, ids, attention, mask, 64) * mask).sum().item()
+
+    before = logp(up), logp(down)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ms.train_on_rows(model, None, optimizer, [up, down], tiny_config(cfg.output_dir), tokenizer.pad_token_id)
+    assert logp(up) > before[0] and logp(down) < before[1]
+
+
+# --------------------------------------------------------------------------------------------- rollout ---
+
+def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted, searcher, monkeypatch):
+    cfg, model, tokenizer = formatted
+    sampled = []                                             # every id list generate() hands back
+    real_generate = ms.generate
+
+    def spy(*args, **kwargs):
+        out = real_generate(*args, **kwargs)
+        sampled.extend(ids for ids, _, _ in out)
+        return out
+
+    monkeypatch.setattr(ms, "generate", spy)
+    questions = ms.load_questions(cfg.test_file)[:12]
+    trajs = ms.rollout(model, tokenizer, searcher, questions, cfg)
+    assert any(len(t["convs"]) >= 2 for t in trajs), "want multi-turn trajectories to check"
+    pieces = [tuple(ids) for ids in sampled]
+    for t in trajs:
+        memory = ""
+        for conv, turn in zip(t["convs"], t["turns"]):
+            ids, mask = conv["ids"], conv["mask"]
+            assert len(ids) == len(mask)
+            # the conversation starts from question + memory only (nothing from earlier turns)
+            prompt = ms.render_prompt(tokenizer, t["question"]["question"], memory)
+            assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
+            # mask = 1 runs are exactly sampled outputs; mask = 0 after the prompt is the retrieved passages
+            runs, i = [], len(prompt)
+            while i < len(ids):
+                j = i
+                while j < len(ids) and mask[j] == mask[i]:
+                    j += 1
+                runs.append((mask[i], ids[i:j]))
+                i = j
+            trained = [tuple(r) for m, r in runs if m]
+            assert all(r in pieces for r in trained)
+            injected = [r for m, r in runs if not m]
+            if "hits" in turn:
+                info = tokenizer(ms.information_text(turn["hits"]), add_special_tokens=False).input_ids
+                assert injected == [info]
+            else:
+                assert injected == []
+            memory = turn.get("memory", memory)
+        assert t["stop"] in ms.STOP_REASONS
+
+
+def test_rollout_counts_every_stop_reason(formatted, searcher):
+    cfg, model, tokenizer = formatted
+    questions = ms.load_questions(cfg.test_file)[:16]
+    short = tiny_config(cfg.output_dir, max_turns=2, max_new_tokens=12)
+    trajs = ms.rollout(model, tokenizer, searcher, questions, short)
+    stops = ms.summarize(trajs)["stops"]
+    assert sum(stops.values()) == len(questions)
+    assert "action_truncated" in stops or "memory_truncated" in stops    # 12 tokens cannot hold the format
+    for t in trajs:
+        assert len(t["turns"]) <= 2
+        assert (t["answer"] is not None) == (t["stop"] == "answered")
+
+
+# --------------------------------------------------------------------------------------------- the CLI ---
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "memsearcher.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+
+
+def test_tiny_trains_saves_reloads_and_evaluates(tmp_path):
+    out = tmp_path / "run"
+    common = ["--tiny", "--output-dir", str(out), "--tiny-hidden", "64", "--tiny-layers", "2", "--group-size", "2",
+              "--questions-per-step", "2", "--eval-n", "4", "--warm-steps", "20", "--max-turns", "2",
+              "--eval-max-turns", "2"]
+    result = run_cli(*common, "--steps", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [rec["step"] for rec in records if "reward" in rec] == [1, 2]
+    assert [rec["step"] for rec in records if "eval" in rec] == [0, 2]
+    checkpoint = out / (out / "latest").read_text().strip()
+    assert checkpoint.name == "checkpoint-000002"
+    model, tokenizer = ms.load_policy(str(checkpoint), torch.device("cpu"))
+    assert len(tokenizer) == model.config.vocab_size
+    # resume: continues at step 3, from the saved weights and optimizer state
+    result = run_cli(*common, "--steps", "3", "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout and "at step 2" in result.stdout
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [rec["step"] for rec in records if "reward" in rec] == [1, 2, 3]
+    assert (out / "latest").read_text().strip() == "checkpoint-000003"
+    assert not (out / "checkpoint-000002").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--group-size", "0"], "--group-size must be at least 1"),
+    (["--lr", "-1"], "--lr must not be negative"),
+    (["--corpus", "nope.jsonl"], "--corpus: no such file"),
+    (["--tiny", "--small"], "not allowed with argument"),
+])
+def test_bad_flags_name_the_flag(args, message):
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{bad", "invalid JSON"),
+    ('{"golden_answers": ["x"]}', 'field "question"'),
+    ('{"question": "q?", "golden_answers": []}', "non-empty list"),
+    ('{"question": "q?", "golden_answers": "x"}', "non-empty list"),
+])
+def test_bad_question_lines_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": "ok?", "golden_answers": ["a"]}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message) as error:
+        ms.load_questions(path)
+    assert str(error.value).startswith(f"{path}:2: ")
+
+
+# ------------------------------------------------------------------------------------------------ data ---
+
+def test_world_generator_is_deterministic_and_matches_committed_files(tmp_path):
+    make_world.main(tmp_path)
+    for name in ["corpus.jsonl", "train.jsonl", "test.jsonl"]:
+        assert (tmp_path / name).read_bytes() == (ROOT / "data" / name).read_bytes(), name
+
+
+def test_world_questions_are_answerable_and_reachable_by_bm25(searcher):
+    corpus = {json.loads(line)["id"]: json.loads(line)["contents"] for line in open(ROOT / "data" / "corpus.jsonl")}
+    train, test = ms.load_questions(ROOT / "data" / "train.jsonl"), ms.load_questions(ROOT / "data" / "test.jsonl")
+    assert len(train) >= 2000 and len(test) >= 300
+    assert not {q["question"] for q in train} & {q["question"] for q in test}
+    assert {q["type"] for q in test} == {"1-hop", "2-hop bridge", "3-hop bridge", "comparison"}
+    hops = [h for q in train + test for h in q["support"]]
+    hits = searcher([h["query"] for h in hops], 3)
+    for h, found in zip(hops, hits):
+        assert h["fact"] in corpus[h["doc_id"]]                         # the fact is in its passage
+        assert h["doc_id"] in [x["id"] for x in found], h["query"]      # and its query retrieves it
+    for q in train + test:                                              # the chain ends at the answer
+        if q["type"] != "comparison":
+            assert q["support"][-1]["finding"] == q["golden_answers"][0]
+            assert q["golden_answers"][0] in q["support"][-1]["fact"]
+
+
+# =========================================================================================================
+# retriever.py
+
+# ------------------------------------------------------------------ corpus ---
+
+GOOD = b'{"id": "a", "contents": "T\\ntext"}\n\n'  # line 1, then a blank line 2
+
+
+def test_load_corpus_parses_title_and_text(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    rows = [{"id": 7, "contents": "Paris\n Paris is the capital.\nOf France. "},
+            {"id": "b", "contents": "no title here"}]
+    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    assert r.load_corpus(path) == [
+        {"id": "7", "title": "Paris", "text": "Paris is the capital.\nOf France."},
+        {"id": "b", "title": "", "text": "no title here"}]
+
+
+@pytest.mark.parametrize("bad_line, expected", [
+    (b"{not json", "invalid JSON"),
+    (b'["a list"]', "JSON object"),
+    (b'{"id": "x"}', '"contents"'),
+    (b'{"id": "x", "contents": "  "}', '"contents"'),
+    (b'{"contents": "T\\ntext"}', '"id"'),
+    (b'{"id": "a", "contents": "Dup\\ntext"}', "duplicate id"),
+    ('{"id": "z", "contents": "Caf\xe9\\ntext"}'.encode("latin-1"), "UTF-8"),
+])
+def test_bad_line_reports_file_and_line(tmp_path, bad_line, expected):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(GOOD + bad_line + b"\n")
+    with pytest.raises(ValueError) as error:
+        r.load_corpus(path)
+    assert str(error.value).startswith(f"{path}:3: ")
+    assert expected in str(error.value)
+
+
+def test_empty_corpus_names_the_file(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n  \n")
+    with pytest.raises(ValueError, match="empty.jsonl"):
+        r.load_corpus(path)
+
+
+def test_missing_corpus_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        r.load_corpus(tmp_path / "nope.jsonl")
+
+
+def test_tokenize():
+    assert r.tokenize("Born in 1981, O'Neil's NEW-York!") == \
+        ["born", "in", "1981", "o", "neil", "s", "new", "york"]
+
+
+# ---------------------------------------------------- BM25 vs rank_bm25 ---
+
+@pytest.fixture(scope="module")
+def world():
+    """3000 passages of 5-40 Zipf words: varied lengths exercise the length
+    normalisation, and the commonest words sit in over half the passages,
+    which exercises rank_bm25's epsilon floor on negative idf."""
+    docs = r.synthetic_corpus(3000, vocab_size=3000, seed=1, length=(5, 40))
+    bm25 = BM25Okapi([r.passage_tokens(doc) for doc in docs])
+    assert bm25.epsilon * bm25.average_idf in bm25.idf.values()  # floor is used
+    rng = np.random.default_rng(2)
+    queries = [" ".join(rng.choice(docs[i]["text"].split(), 6)) for i in rng.integers(0, 3000, 40)]
+    queries += [docs[i]["title"] for i in range(10)]
+    return r.build_index(docs, show_progress=False), bm25, queries
+
+
+def reference_top(scores, k):
+    """rank_bm25's scores ordered by score descending, then index ascending."""
+    return list(np.lexsort((np.arange(len(scores)), -scores))[:k])
+
+
+def test_scores_equal_rank_bm25(world):
+    index, bm25, queries = world
+    for query in queries:
+        np.testing.assert_array_equal(r.bm25_scores(index, query), bm25.get_scores(r.tokenize(query)))
+
+
+def test_search_top_k_matches_rank_bm25(world):
+    index, bm25, queries = world
+    for query, hits in zip(queries, r.search(index, queries, 10)):
+        ref = bm25.get_scores(r.tokenize(query))
+        assert [hit["id"] for hit in hits] == [index.docs[i]["id"] for i in reference_top(ref, 10)]
+        assert [hit["score"] for hit in hits] == sorted(ref, reverse=True)[:10]
+
+
+def test_repeated_and_unknown_terms_like_rank_bm25(world):
+    index, bm25, _ = world
+    common, rare = r.tokenize(index.docs[0]["text"])[0], r.tokenize(index.docs[5]["title"])[0]
+    for query in [f"{rare} {rare} {rare}", f"{common} {common} qqqunknown {rare}", "qqqunknown zzz"]:
+        np.testing.assert_array_equal(r.bm25_scores(index, query), bm25.get_scores(r.tokenize(query)))
+    assert not r.bm25_scores(index, "qqqunknown zzz").any()
+    # No passage matches: still k hits, the k lowest indices, all scoring 0.
+    hits = r.search(index, ["qqqunknown"], 3)[0]
+    assert [(h["id"], h["score"]) for h in hits] == [("0", 0.0), ("1", 0.0), ("2", 0.0)]
+
+
+def test_ties_go_to_lower_index_and_k_is_capped():
+    docs = [{"id": f"d{i}", "title": "", "text": text}
+            for i, text in enumerate(["cat", "dog", "cat", "bird", "cat", "dog",
+                                      "eel", "eel", "ant", "ant", "fly", "fly"])]
+    index = r.build_index(docs, show_progress=False)
+    assert [h["id"] for h in r.search(index, ["cat"], 2)[0]] == ["d0", "d2"]
+    hits = r.search(index, ["bird dog"], 100)[0]  # bird is rarer than dog; the rest score 0
+    assert [h["id"] for h in hits] == [f"d{i}" for i in [3, 1, 5, 0, 2, 4, 6, 7, 8, 9, 10, 11]]
+    with pytest.raises(TypeError):
+        r.search(index, "cat", 1)
+
+
+def test_local_searcher(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"id": i, "contents": c}) for i, c in enumerate(
+        ["Paris\nParis is the capital of France.", "Rome\nRome is in Italy.", "Oslo\nOslo is cold."])))
+    searcher = r.local_searcher(path, show_progress=False)
+    assert [[h["title"] for h in hits] for hits in searcher(["capital of France", "italy"], 1)] == \
+        [["Paris"], ["Rome"]]
+
+
+# ---------------------------------------------------------- remote server ---
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Answers POSTs with whatever server.plan(request, n) returns:
+    (status, JSON-able answer or raw bytes, seconds to sleep first)."""
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(request)
+        status, answer, delay = self.server.plan(request, len(self.server.requests))
+        time.sleep(delay)
+        body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def serve(plan):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.block_on_close = False               # don't wait for sleeping handlers
+    server.handle_error = lambda *args: None    # client hung up on a slow handler
+    server.requests, server.plan = [], plan
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()  # fast shutdown
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/retrieve", server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def search_r1_answer(request):
+    return {"result": [[{"document": {"id": f"{q}-{j}", "contents": f"Title {q}\ntext {j}"},
+                         "score": 10.0 - j} for j in range(request["topk"])]
+                       for q in request["queries"]]}
+
+
+def test_remote_one_request_per_batch():
+    with serve(lambda req, n: (200, search_r1_answer(req), 0)) as (url, server):
+        results = r.remote_searcher(url, retries=0)(["a", "b", "c"], 2)
+    assert server.requests == [{"queries": ["a", "b", "c"], "topk": 2, "return_scores": True}]
+    assert [len(hits) for hits in results] == [2, 2, 2]
+    assert results[1][1] == {"id": "b-1", "title": "Title b", "text": "text 1", "score": 9.0}
+
+
+def test_remote_answer_without_scores_or_ids():
+    answer = {"result": [[{"contents": "T\nx"}]]}
+    with serve(lambda req, n: (200, answer, 0)) as (url, _):
+        assert r.remote_searcher(url)(["q"], 1) == [[{"id": None, "title": "T", "text": "x", "score": None}]]
+
+
+def test_remote_retries_5xx_then_succeeds():
+    def plan(req, n):
+        return (500, b"busy", 0) if n <= 2 else (200, search_r1_answer(req), 0)
+    with serve(plan) as (url, server):
+        results = r.remote_searcher(url, retries=3, backoff=0.001)(["a"], 1)
+    assert len(server.requests) == 3 and results[0][0]["id"] == "a-0"
+
+
+def test_remote_gives_up_with_url_status_and_body():
+    with serve(lambda req, n: (500, b"index exploded on shard 3", 0)) as (url, server), \
+            pytest.raises(RuntimeError) as error:
+        r.remote_searcher(url, retries=2, backoff=0.001)(["a"], 1)
+    assert len(server.requests) == 3
+    assert url in str(error.value) and "500" in str(error.value)
+    assert "index exploded on shard 3" in str(error.value)
+
+
+def test_remote_4xx_fails_without_retry():
+    with serve(lambda req, n: (422, b"topk must be positive", 0)) as (url, server), \
+            pytest.raises(RuntimeError, match="422.*topk must be positive"):
+        r.remote_searcher(url, retries=3, backoff=0.001)(["a"], 0)
+    assert len(server.requests) == 1
+
+
+def test_remote_timeout():
+    with serve(lambda req, n: (200, search_r1_answer(req), 1.0)) as (url, server):
+        start = time.perf_counter()
+        with pytest.raises(RuntimeError, match="timeout") as error:
+            r.remote_searcher(url, timeout=0.2, retries=1, backoff=0.001)(["a"], 1)
+        assert time.perf_counter() - start < 0.9
+    assert url in str(error.value) and len(server.requests) == 2
+
+
+@pytest.mark.parametrize("answer", [
+    {"result": [[]]},                            # 1 list for 2 queries
+    {"results": [[], []]},                       # wrong key
+    {"result": [[{"document": {"id": 1}}], []]},  # no contents
+    b"<html>oops</html>",                        # not JSON
+])
+def test_remote_malformed_answer(answer):
+    with serve(lambda req, n: (200, answer, 0)) as (url, _), \
+            pytest.raises(RuntimeError, match="expected|non-JSON"):
+        r.remote_searcher(url, retries=0)(["a", "b"], 1)
+
+
+# -------------------------------------------------------------- rendering ---
+
+def test_format_hits():
+    hits = [{"id": "1", "title": "Paris", "text": "Capital of France.", "score": 3.5},
+            {"id": "2", "title": "", "text": "Untitled.", "score": 1.0}]
+    assert r.format_hits(hits) == "Doc 1 (Title: Paris) Capital of France.\nDoc 2 (Title: ) Untitled."
+    assert r.format_hits(hits, show_scores=True).startswith("[3.500] Doc 1 (Title: Paris)")
