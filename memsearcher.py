@@ -13,10 +13,12 @@ advantage to every token the model sampled in every one of its conversations.
 Read it top to bottom: config -> prompt template -> memory-updating rollout -> exact-match reward ->
 multi-context GRPO loss -> full finetuning -> evaluation -> CLI.
 
-    python memsearcher.py            # --small when a CUDA GPU is present, --tiny otherwise
-    python memsearcher.py --small    # Qwen2.5-0.5B-Instruct from the hub, full finetuning on one GPU
-    python memsearcher.py --tiny     # a tiny Qwen2 built offline from data/, a CPU smoke run
-    python memsearcher.py --help     # every setting
+    python memsearcher.py                   # --small when a CUDA GPU is present, --tiny otherwise
+    python memsearcher.py --small           # Qwen2.5-0.5B-Instruct from the hub, full finetuning on one GPU
+    python memsearcher.py --tiny            # a tiny Qwen2 built offline, taught on the CPU in minutes
+    python memsearcher.py --tiny --compare  # MemSearcher vs ReAct: EM, context per turn, cost, throughput
+    python memsearcher.py --logprob-memory  # peak memory of chunked log-probs vs full logits
+    python memsearcher.py --help            # every setting
 
 Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM):
  1. Tags: <search>query</search> and <answer>...</answer> (as Search-R1) instead of a JSON <tool_call> and a
@@ -50,8 +52,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
+                          LogitsProcessorList)
+from transformers.utils import logging as hf_logging
 
-from retriever import format_hits, local_searcher
+from retriever import RetrievalError, format_hits, local_searcher, remote_searcher
 
 DATA = Path(__file__).parent / "data"
 
@@ -60,6 +65,8 @@ DATA = Path(__file__).parent / "data"
 # Config: one flat block. Every field is a command-line flag (--group-size 5). Presets fill in the rest.
 
 def opt(default, help):
+    if isinstance(default, list):                          # a flag that can be given several times
+        return field(default_factory=lambda: list(default), metadata={"help": help, "repeat": True})
     return field(default=default, metadata={"help": help})
 
 
@@ -67,9 +74,13 @@ def opt(default, help):
 class Config:
     # what to train, on what
     model: str = opt("Qwen/Qwen2.5-0.5B-Instruct", "HF causal LM id or local path; 'tiny' builds one offline")
-    train_file: str = opt(str(DATA / "train.jsonl"), "training questions, FlashRAG JSONL")
-    test_file: str = opt(str(DATA / "test.jsonl"), "test questions, FlashRAG JSONL")
+    train_file: list = opt([str(DATA / "train.jsonl")], "training questions, FlashRAG JSONL; repeat the flag "
+                                                         "for several files")
+    test_file: list = opt([str(DATA / "test.jsonl")], "test questions, FlashRAG JSONL; repeat the flag for "
+                                                       "several benchmarks (EM is reported per file)")
     corpus: str = opt(str(DATA / "corpus.jsonl"), "FlashRAG corpus JSONL for BM25")
+    retriever_url: str = opt("", "a Search-R1 retrieval server, e.g. http://host:8000/retrieve, instead of "
+                                 "BM25 over --corpus")
     output_dir: str = opt("runs/small", "checkpoints, metrics.jsonl and the final model go here")
     seed: int = opt(0, "random seed")
     # multi-context GRPO
@@ -84,8 +95,10 @@ class Config:
     dual_clip: float = opt(3.0, "dual-clip constant c: caps the loss of negative-advantage tokens")
     updates_per_step: int = opt(2, "optimizer steps per rollout batch (PPO mini-batches, 1 epoch)")
     micro_batch_tokens: int = opt(16384, "max padded tokens in one forward/backward pass")
-    logprob_chunk: int = opt(1024, "tokens per chunk when turning hidden states into log-probs")
+    logprob_chunk: int = opt(256, "tokens per chunk when turning hidden states into log-probs (each chunk "
+                                  "holds a few [chunk, vocab] fp32 tensors: 256 x 151,936 x 4 B = 156 MB each)")
     # the agent
+    workflow: str = opt("memsearcher", "memsearcher: each turn sees question + memory; react: one growing context")
     max_turns: int = opt(5, "max turns per trajectory in training")
     eval_max_turns: int = opt(10, "max turns per trajectory in evaluation")
     max_new_tokens: int = opt(512, "max sampled tokens per generation (action or memory)")
@@ -98,10 +111,15 @@ class Config:
     save_every: int = opt(50, "checkpoint every N steps (0: only at the end)")
     print_every: int = opt(10, "print one whole trajectory every N steps")
     resume: bool = opt(False, "continue from the latest checkpoint in --output-dir")
-    # warm start by imitating a scripted, imperfect expert (a teaching aid for --tiny, not part of the paper)
-    warm_steps: int = opt(0, "imitation steps before GRPO (0: none); needs data with a 'support' chain")
+    # measurements instead of training
+    compare: bool = opt(False, "evaluate the model with both workflows side by side (no GRPO) and exit")
+    compare_turns: int = opt(8, "max turns per trajectory in --compare")
+    logprob_memory: bool = opt(False, "measure the peak memory of chunked vs full-logits log-probs and exit")
+    # warm start for a model that knows nothing yet (teaching aids for --tiny, not part of the paper)
+    pretrain_steps: int = opt(0, "next-token pretraining steps on the corpus and questions (0: none)")
+    warm_steps: int = opt(0, "steps imitating a scripted expert before GRPO (0: none); needs 'support' chains")
     warm_batch: int = opt(16, "conversations per imitation step")
-    warm_lr: float = opt(1e-3, "peak learning rate of the imitation phase (cosine decay)")
+    warm_lr: float = opt(1e-3, "learning rate of pretraining (constant) and imitation (peak; cosine decay)")
     expert_forget: float = opt(0.6, "expert: chance that a memory update drops the fact just found, "
                                     "once the memory already holds a fact")
     expert_early: float = opt(0.25, "expert: chance of answering from a memory that lacks the final fact")
@@ -116,9 +134,11 @@ PRESETS = {
     # state (~8 GB), bf16 autocast, gradient checkpointing. 100 steps x 32 questions x G=5.
     "small": dict(),
     # a ~1.5M-parameter Qwen2 built from data/ in a second; everything runs on the CPU in minutes.
-    "tiny": dict(model="tiny", output_dir="runs/tiny", group_size=4, questions_per_step=4, steps=4, lr=3e-4,
-                 kl_coef=0.0, updates_per_step=1, micro_batch_tokens=8192, max_new_tokens=48,
-                 max_memory_tokens=96, eval_max_turns=5, eval_every=0, eval_n=32, save_every=0, print_every=2),
+    "tiny": dict(model="tiny", output_dir="runs/tiny", tiny_hidden=64, tiny_layers=2, top_k=2, max_new_tokens=64,
+                 max_memory_tokens=96, eval_max_turns=5, pretrain_steps=300, warm_steps=1200, warm_batch=8,
+                 warm_lr=3e-3, group_size=8, questions_per_step=16, steps=30, lr=3e-4, kl_coef=0.0,
+                 updates_per_step=1, micro_batch_tokens=8192, eval_every=15, eval_n=300, save_every=0,
+                 print_every=10),
 }
 
 
@@ -130,7 +150,9 @@ def parse_args(argv=None):
     preset.add_argument("--tiny", action="store_true", help="tiny offline model on the CPU")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
+        if f.metadata.get("repeat"):
+            parser.add_argument(flag, action="append", default=None, help=f.metadata["help"])
+        elif f.type is bool or isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=type(f.default), default=None, help=f.metadata["help"])
@@ -142,7 +164,12 @@ def parse_args(argv=None):
         print(f"No preset given: using --{name} because "
               f"{'a CUDA GPU is present' if name == 'small' else 'no CUDA GPU was found'}.")
     overrides = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-    cfg = Config(**{**PRESETS[name], **overrides})
+    preset = dict(PRESETS[name])
+    if overrides.get("model", preset.get("model")) != "tiny":
+        # the tiny preset's pretraining and imitation are for the model it builds, not for --model PATH
+        for key in ["pretrain_steps", "warm_steps"]:
+            preset.pop(key, None)
+    cfg = Config(**{**preset, **overrides})
     check_config(cfg)
     return cfg
 
@@ -150,7 +177,7 @@ def parse_args(argv=None):
 def check_config(cfg):
     """Refuse settings that cannot work, naming the flag to fix."""
     positive = ["group_size", "questions_per_step", "updates_per_step", "micro_batch_tokens", "logprob_chunk",
-                "max_turns", "eval_max_turns", "max_new_tokens", "max_memory_tokens", "top_k"]
+                "max_turns", "eval_max_turns", "max_new_tokens", "max_memory_tokens", "top_k", "compare_turns"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
@@ -159,11 +186,19 @@ def check_config(cfg):
             raise SystemExit(f"--{name.replace('_', '-')} must not be negative (got {getattr(cfg, name)})")
     if cfg.temperature <= 0:
         raise SystemExit("--temperature must be positive (evaluation is already greedy)")
+    if cfg.workflow not in WORKFLOWS:
+        raise SystemExit(f"--workflow must be one of {', '.join(WORKFLOWS)} (got {cfg.workflow!r})")
+    if cfg.workflow == "react" and cfg.warm_steps:
+        raise SystemExit("--warm-steps imitates a MemSearcher expert: use it with --workflow memsearcher, "
+                         "or set --warm-steps 0")
     if cfg.dual_clip <= 1:
         raise SystemExit(f"--dual-clip must be greater than 1 (got {cfg.dual_clip})")
-    for name in ["train_file", "test_file", "corpus"]:
-        if not Path(getattr(cfg, name)).is_file():
-            raise SystemExit(f"--{name.replace('_', '-')}: no such file: {getattr(cfg, name)}")
+    files = [("train_file", p) for p in cfg.train_file] + [("test_file", p) for p in cfg.test_file]
+    if not cfg.retriever_url or cfg.model == "tiny":       # the tiny model learns its tokenizer from the corpus
+        files.append(("corpus", cfg.corpus))
+    for name, path in files:
+        if not Path(path).is_file():
+            raise SystemExit(f"--{name.replace('_', '-')}: no such file: {path}")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -177,18 +212,33 @@ SYSTEM_PROMPT = (
     "</information>; then rewrite your memory inside <memory> </memory>, keeping only the facts that help "
     "answer the question."
 )
+# The ReAct (Search-R1) baseline: the same tags without the memory. Its single conversation keeps every
+# action and every retrieved passage, so it needs no memory.
+REACT_SYSTEM_PROMPT = (
+    "Answer the question with a search engine. Think inside <think> </think>, then either answer inside "
+    "<answer> </answer> or search inside <search> </search>. Results appear inside <information> "
+    "</information>; then think again and continue."
+)
+WORKFLOWS = ["memsearcher", "react"]
 ACTION_STOPS = ["</search>", "</answer>"]    # generation of an action ends at the first of these
 MEMORY_STOPS = ["</memory>"]
 
 
 def user_message(question, memory):
+    """MemSearcher's user message; ReAct's (memory None) holds the question only."""
+    if memory is None:
+        return f"<question> {question} </question>"
     return f"<question> {question} </question>\n<memory> {memory} </memory>"
 
 
-def render_prompt(tokenizer, question, memory):
+def render_prompt(tokenizer, question, memory, workflow="memsearcher"):
     """Token ids of a fresh turn: system prompt + user(question, memory) + the assistant's opening marker."""
-    messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": user_message(question, memory)}]
+    if workflow == "react":
+        messages = [{"role": "system", "content": REACT_SYSTEM_PROMPT},
+                    {"role": "user", "content": user_message(question, None)}]
+    else:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": user_message(question, memory)}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False).input_ids
 
@@ -283,6 +333,25 @@ def stop_index(pieces, eos_ids, ids, stops):
     return len(ids), False
 
 
+class SampleFromSoftmax(LogitsProcessor):
+    """Sampling at a temperature, written as a logits processor for greedy decoding.
+
+    It draws each next token from softmax(scores / T) by inverse CDF (one uniform number per row) and leaves
+    only that token's score finite, so the greedy argmax picks it. The distribution is exactly that of
+    do_sample=True; torch.multinomial is ~30x slower on a CPU for a [B, V] batch, which would dominate --tiny.
+    """
+
+    def __init__(self, temperature):
+        self.temperature = temperature
+
+    def __call__(self, input_ids, scores):
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)          # [B, V]
+        cdf = probs.cumsum(dim=-1)                                                  # [B, V]
+        u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]                # [B, 1] in [0, total)
+        token = torch.searchsorted(cdf, u, right=True)                              # [B, 1] first cdf > u
+        return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperature=1.0):
     """One batched generate over many contexts (lists of ids). Returns per context: (sampled ids, text, stopped)."""
@@ -295,9 +364,10 @@ def generate(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperat
         input_ids[i, width - len(c):] = torch.tensor(c)
         attention[i, width - len(c):] = 1
     with autocast(device):
+        sampler = None if greedy else LogitsProcessorList([SampleFromSoftmax(temperature)])
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             do_sample=not greedy, temperature=temperature if not greedy else None,
-                             max_new_tokens=max_new_tokens, stop_strings=stops, tokenizer=tokenizer)
+                             do_sample=False, logits_processor=sampler, max_new_tokens=max_new_tokens,
+                             stop_strings=stops, tokenizer=tokenizer)
     sampled = out[:, width:].tolist()
     eos_ids = set(model.generation_config.eos_token_id)
     results = []
@@ -312,7 +382,7 @@ def generate(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperat
 
 def new_trajectory(question):
     return {"question": question, "memory": "", "convs": [], "turns": [], "context_tokens": [],
-            "answer": None, "stop": None, "reward": 0.0}
+            "processed_tokens": 0, "answer": None, "stop": None, "reward": 0.0}
 
 
 def append(conv, ids, trained):
@@ -320,11 +390,17 @@ def append(conv, ids, trained):
     conv["mask"] += [int(trained)] * len(ids)
 
 
-def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=None, workflow="memsearcher"):
-    """Run every question to the end; returns one trajectory dict per question (in order)."""
+def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=None, workflow=None,
+            generate_fn=generate):
+    """Run every question to the end; returns one trajectory dict per question (in order).
+
+    generate_fn has generate()'s signature; --compare passes a scripted policy through it.
+    """
     max_turns = max_turns or cfg.max_turns
+    workflow = workflow or cfg.workflow
     trajs = [new_trajectory(q) for q in questions]
-    bar = tqdm(total=len(trajs), desc="rollout" if not greedy else "eval", leave=False, unit="traj")
+    bar = tqdm(total=len(trajs), desc="rollout" if not greedy else "eval", leave=False, unit="traj",
+               disable=len(trajs) == 1)
     for turn in range(max_turns):
         live = [t for t in trajs if t["stop"] is None]
         if not live:
@@ -334,15 +410,17 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
             # the question and the current memory. ReAct: one conversation that keeps growing.
             if workflow == "memsearcher" or turn == 0:
                 t["convs"].append({"ids": [], "mask": []})
-                append(t["convs"][-1], render_prompt(tokenizer, t["question"]["question"], t["memory"]), False)
+                prompt = render_prompt(tokenizer, t["question"]["question"], t["memory"], workflow)
+                append(t["convs"][-1], prompt, False)
             t["turns"].append({"memory_before": t["memory"]})
 
         # 1) action phase: think, then <search> or <answer>
-        outs = generate(model, tokenizer, [t["convs"][-1]["ids"] for t in live], ACTION_STOPS,
-                        cfg.max_new_tokens, greedy, cfg.temperature)
+        outs = generate_fn(model, tokenizer, [t["convs"][-1]["ids"] for t in live], ACTION_STOPS,
+                           cfg.max_new_tokens, greedy, cfg.temperature)
         searching = []
         for t, (ids, text, stopped) in zip(live, outs):
             append(t["convs"][-1], ids, True)
+            t["processed_tokens"] += len(t["convs"][-1]["ids"])      # what this generate call attended over
             t["turns"][-1]["action"] = text
             kind, content = parse_action(text)
             if not stopped:
@@ -366,10 +444,11 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
 
             # 3) memory phase (MemSearcher) -- ReAct goes straight on to the next action in the same context
             if workflow == "memsearcher":
-                outs = generate(model, tokenizer, [t["convs"][-1]["ids"] for t in searching], MEMORY_STOPS,
-                                cfg.max_new_tokens, greedy, cfg.temperature)
+                outs = generate_fn(model, tokenizer, [t["convs"][-1]["ids"] for t in searching], MEMORY_STOPS,
+                                   cfg.max_new_tokens, greedy, cfg.temperature)
                 for t, (ids, text, stopped) in zip(searching, outs):
                     append(t["convs"][-1], ids, True)
+                    t["processed_tokens"] += len(t["convs"][-1]["ids"])
                     t["turns"][-1]["memory_output"] = text
                     memory, reason = memory_update(text, tokenizer, cfg.max_memory_tokens)
                     if not stopped:
@@ -466,7 +545,9 @@ def token_logprobs(model, ids, attention, mask, chunk):
     A [B, T, V] logits tensor would be huge (16 x 1024 x 151,936 fp32 = 10 GB), and we only need the log-prob
     of one token per position, at the positions we train. So: run the transformer body once, keep the hidden
     states that predict a sampled token ([N, H]), and push them through the output layer `chunk` rows at a
-    time. Each chunk is checkpointed, so backward recomputes its [chunk, V] logits instead of storing them.
+    time. When gradients flow, each chunk is checkpointed, so backward recomputes its [chunk, V] logits
+    instead of storing them. The peak is a few [chunk, V] fp32 tensors (logits, softmax, their gradients):
+    `python memsearcher.py --logprob-memory` measures it.
     """
     hidden = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
     predicts = mask[:, 1:].bool()                                           # [B, T-1] position t predicts t+1
@@ -478,10 +559,13 @@ def token_logprobs(model, ids, attention, mask, chunk):
         logits = head(h_chunk).float()                                      # [n, V] fp32 for a stable softmax
         return logits.gather(1, t_chunk[:, None]).squeeze(1) - logits.logsumexp(dim=1)   # [n]
 
+    # Checkpoint the chunks only when all the logits at once would be big (> 1 GB in fp32): recomputing them
+    # in backward costs a second pass through the output layer, a waste for the tiny model.
+    recompute = torch.is_grad_enabled() and len(targets) * head.out_features * 4 > 2**30
     parts = []
     for i in range(0, len(targets), chunk):
         args = (h[i:i + chunk], targets[i:i + chunk])
-        if torch.is_grad_enabled():
+        if recompute:
             parts.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, *args, use_reentrant=False))
         else:
             parts.append(chunk_logprobs(*args))
@@ -496,8 +580,6 @@ def token_logprobs(model, ids, attention, mask, chunk):
 
 def load_policy(path, device):
     """Model (fp32 weights) and tokenizer, through the same Auto classes for a hub id, a checkpoint or --tiny."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -508,11 +590,11 @@ def load_policy(path, device):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
-    # Replace the shipped sampling defaults (Qwen: top_p 0.8, top_k 20, repetition_penalty 1.05): the sampler
-    # must draw from the very distribution whose log-probs we train, softmax(logits / temperature).
-    model.generation_config = GenerationConfig(
-        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-        eos_token_id=sorted(eos), pad_token_id=tokenizer.pad_token_id)
+    # Drop the shipped sampling defaults (Qwen: temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05):
+    # rollouts must sample from the very distribution whose log-probs we train, softmax(logits / temperature),
+    # which SampleFromSoftmax does on top of plain greedy decoding.
+    model.generation_config = GenerationConfig(do_sample=False, eos_token_id=sorted(eos),
+                                               pad_token_id=tokenizer.pad_token_id)
     return model, tokenizer
 
 
@@ -606,20 +688,26 @@ def stack_key(batch, key, like):
     return out
 
 
-def save_checkpoint(model, tokenizer, optimizer, step, cfg):
-    """Write output_dir/checkpoint-NNNNNN atomically: a temporary folder, renamed when complete."""
-    out = Path(cfg.output_dir)
-    final = out / f"checkpoint-{step:06d}"
-    tmp = out / f".tmp-{final.name}-{os.getpid()}"
+def save_model(model, tokenizer, final, trainer_state=None):
+    """save_pretrained into a temporary folder, renamed to `final` when complete: never half a model."""
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": asdict(cfg),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "numpy": np.random.get_state()}}, tmp / "trainer_state.pt")
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    return final
+
+
+def save_checkpoint(model, tokenizer, optimizer, step, cfg):
+    """output_dir/checkpoint-NNNNNN (model, tokenizer, optimizer, RNG states), then the `latest` pointer."""
+    out = Path(cfg.output_dir)
+    final = save_model(model, tokenizer, out / f"checkpoint-{step:06d}", {
+        "step": step, "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}})
     write_atomic(out / "latest", final.name)
     for old in out.glob("checkpoint-*"):                  # keep only the newest checkpoint
         if old != final:
@@ -653,7 +741,7 @@ def restore_trainer_state(optimizer, checkpoint):
 # chat template) and a randomly initialised Qwen2, saved to disk so it loads through the same Auto classes.
 
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")       # Qwen2Tokenizer's own pre-tokenizer split
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -701,22 +789,64 @@ def tiny_tokenizer_texts(corpus_file, question_files):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Warm start for --tiny: imitate an imperfect expert (a teaching aid, not part of the paper).
+# Warm start for --tiny (teaching aids, not part of the paper).
 #
 # A randomly initialised model never produces a well-formed search, so every reward is 0 and GRPO has nothing
-# to reinforce. The toy world knows each question's hop chain, so a scripted expert can play the MemSearcher
-# format perfectly: search the next hop, copy the fact it finds into memory, answer when memory holds the
-# answer. It is made imperfect on purpose, with two scripted mistakes drawn at random:
-#   - forget (a memory mistake): once the memory already holds a fact, an update drops the fact just found,
-#     so the agent searches the same thing again and, with few turns, never gets to answer;
-#   - answer early: with the final fact still missing, it answers with what the last hop found (the city
-#     instead of its country, a birth year instead of a name).
-# The model imitates it by cross-entropy on exactly the tokens RL trains (the loss mask), until it copies names
-# and facts reliably. It then samples good and bad trajectories for the same question, which is what GRPO
-# needs; greedy decoding follows the expert's most likely choice, mistakes included.
+# to reinforce. Two short phases give it what Qwen2.5-Instruct already brings:
+#  1. pretraining: next-token prediction on the world's text, so it learns to read and copy names;
+#  2. imitation of an imperfect expert. The toy world knows each question's hop chain, so a scripted expert
+#     can play the MemSearcher format perfectly: search the next hop, copy the fact it finds into memory,
+#     answer when memory holds the answer. It is made imperfect on purpose, with two mistakes drawn at random:
+#       - forget (a memory mistake): once the memory already holds a fact, an update drops the fact just
+#         found, so the agent searches the same thing again and, with few turns, never gets to answer;
+#       - answer early: with the final fact still missing, it answers with what the last hop found (the city
+#         instead of its country: the wrong field).
+#     The model imitates it by cross-entropy on exactly the tokens RL trains (the loss mask), to convergence.
+# The imitator then samples good and bad trajectories for the same question, which is what GRPO needs, while
+# greedy decoding follows the expert's more likely choice: it forgets, as the expert does 60% of the time.
+
+def pretrain(model, tokenizer, corpus_file, questions, cfg, batch=16, length=256):
+    """Next-token prediction on the world's text: passages (rendered as the agent sees them) and questions.
+
+    A real LLM arrives pretrained: it can read and copy names before it ever searches. The tiny model starts
+    from random weights, and imitation alone (whose loss sees only the tokens the agent writes) is slow to
+    teach it to copy a name it has read. A minute of ordinary language modelling, where every token is a
+    target, fixes that.
+    """
+    rng = random.Random(cfg.seed)
+    passages = [{"title": c.split("\n", 1)[0], "text": c.split("\n", 1)[-1]}
+                for c in (json.loads(line)["contents"] for line in open(corpus_file, encoding="utf-8"))]
+    texts = [format_hits([p]) for p in passages] + [q["question"] for q in questions]
+    rng.shuffle(texts)
+    stream = [t for ids in tokenizer([t + "\n" for t in texts], add_special_tokens=False).input_ids for t in ids]
+    chunks = [stream[i:i + length] for i in range(0, len(stream) - length + 1, length)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warm_lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain", unit="step")
+    for _ in bar:
+        rows = [{"ids": ids, "mask": [0] + [1] * (len(ids) - 1)} for ids in rng.sample(chunks, batch)]
+        ids, attention, mask, _ = collate(rows, tokenizer.pad_token_id, model.device)
+        with autocast(model.device):
+            logp = token_logprobs(model, ids, attention, mask, cfg.logprob_chunk)
+        loss = -(logp * mask).sum() / mask.sum()                    # every token is a target here
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    return {"loss_end": sum(losses[-20:]) / len(losses[-20:])}
+
+
+def warmup_cosine(optimizer, steps, warmup=20):
+    """Learning rate: linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
 
 # Spaces inside the tags keep names as the same tokens as in the question and passages (" Ilvo", not "Ilvo").
-EXPERT_SEARCH = "<think> I need to search. </think>\n<search> {} </search>"
+EXPERT_SEARCH = "<think> I need {0}. </think>\n<search> {0} </search>"
 EXPERT_ANSWER = "<think> I can answer. </think>\n<answer> {} </answer>"
 EXPERT_MEMORY = "<memory> {} </memory>"
 
@@ -764,8 +894,7 @@ def warm_start(model, tokenizer, search, questions, cfg):
     print(f"warm start: {len(experts)} expert trajectories ({flawed:.0%} end without the right answer), "
           f"{len(rows)} conversations")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warm_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / cfg.warm_steps)))
+    schedule = warmup_cosine(optimizer, cfg.warm_steps)
     model.train()
     order, losses = [], []
     bar = tqdm(range(cfg.warm_steps), desc="warm start", unit="step")
@@ -797,9 +926,26 @@ def warm_start(model, tokenizer, search, questions, cfg):
 # Evaluation: greedy rollouts on test questions. EM overall and per question type, turns, context tokens per
 # turn, stop reasons.
 
+# The paper's table: EM per benchmark, in this order, then the average over benchmarks. A test file is named
+# by its folder when the file name is only a split (FlashRAG ships nq/test.jsonl, hotpotqa/dev.jsonl, ...).
+PAPER_BENCHMARKS = {"nq": "NQ", "triviaqa": "TriviaQA", "popqa": "PopQA", "hotpotqa": "HotpotQA",
+                    "2wikimultihopqa": "2Wiki", "2wiki": "2Wiki", "musique": "MuSiQue", "bamboogle": "Bamboogle"}
+
+
+def benchmark_name(path):
+    """'data/nq/test.jsonl' -> 'NQ'; 'my_questions.jsonl' -> 'my_questions'."""
+    path = Path(path)
+    name = path.parent.name if path.stem.lower() in {"train", "dev", "test", "val", "validation"} else path.stem
+    key = re.sub(r"[_\-.](train|dev|test|val|validation)$", "", name.lower())
+    return PAPER_BENCHMARKS.get(key, name)
+
+
 def load_questions(path):
-    """FlashRAG question JSONL -> list of dicts; a bad line stops with file:line and what to fix."""
-    questions = []
+    """FlashRAG question JSONL -> list of dicts; a bad line stops with file:line and what to fix.
+
+    Each question is tagged with its benchmark ("source", from the file's name) for per-benchmark EM.
+    """
+    questions, first_line_of = [], {}
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
@@ -819,27 +965,53 @@ def load_questions(path):
             if not isinstance(gold, list) or not gold or not all(isinstance(g, str) for g in gold):
                 raise ValueError(f"{where}: \"golden_answers\" must be a non-empty list of strings")
             q.setdefault("id", where)
+            if q["id"] in first_line_of:
+                raise ValueError(f"{where}: duplicate id {q['id']!r} (first on line {first_line_of[q['id']]})")
+            first_line_of[q["id"]] = lineno
+            q["source"] = benchmark_name(path)
             questions.append(q)
     if not questions:
         raise ValueError(f"{path}: no questions in the file")
     return questions
 
 
+def memory_keeping(trajs):
+    """Share of memory updates that keep what the search just found.
+
+    An update counts when the passages it read include one of the question's supporting passages (toy-world
+    questions list them); it keeps the fact when the new memory contains that hop's finding (the city, the
+    name, ...). None when no question has supporting passages.
+    """
+    kept = updates = 0
+    for t in trajs:
+        support = {h["doc_id"]: h["finding"] for h in t["question"].get("support", [])}
+        for turn in t["turns"]:
+            found = [support[h["id"]] for h in turn.get("hits", []) if h["id"] in support]
+            if found and "memory_output" in turn:
+                updates += 1
+                memory = normalize_answer(turn.get("memory", ""))
+                kept += all(normalize_answer(f) in memory for f in found)
+    return kept / updates if updates else None
+
+
 def summarize(trajs):
     """Metrics of a batch of finished trajectories."""
     n = len(trajs)
-    per_type = defaultdict(list)
+    per_type, per_source = defaultdict(list), defaultdict(list)
     for t in trajs:
         per_type[t["question"].get("type", "all")].append(t["reward"])
+        per_source[t["question"].get("source", "all")].append(t["reward"])
     max_turns = max(len(t["context_tokens"]) for t in trajs)
     context = [[t["context_tokens"][i] for t in trajs if len(t["context_tokens"]) > i] for i in range(max_turns)]
     sampled = [sum(sum(c["mask"]) for c in t["convs"]) for t in trajs]
     return {"em": sum(t["reward"] for t in trajs) / n,
             "em_by_type": {k: sum(v) / len(v) for k, v in sorted(per_type.items())},
+            "em_by_benchmark": {k: sum(v) / len(v) for k, v in per_source.items()},
             "turns": sum(len(t["turns"]) for t in trajs) / n,
             "context_tokens_per_turn": [round(sum(c) / len(c), 1) for c in context],
             "sampled_tokens": sum(sampled) / n,
             "answered": sum(t["answer"] is not None for t in trajs) / n,
+            "memory_keeping": memory_keeping(trajs),
             "stops": dict(Counter(t["stop"] for t in trajs))}
 
 
@@ -847,6 +1019,16 @@ def evaluate(model, tokenizer, search, questions, cfg):
     model.eval()
     trajs = rollout(model, tokenizer, search, questions, cfg, greedy=True, max_turns=cfg.eval_max_turns)
     return summarize(trajs), trajs
+
+
+def benchmark_table(em_by_benchmark):
+    """EM per benchmark in the paper's column order (others after, in file order), and their average."""
+    order = list(dict.fromkeys(PAPER_BENCHMARKS.values()))
+    names = sorted(em_by_benchmark, key=lambda k: order.index(k) if k in order else len(order))
+    cells = [(k, em_by_benchmark[k]) for k in names]
+    cells.append(("Avg", sum(em_by_benchmark.values()) / len(em_by_benchmark)))
+    width = max(9, *(len(k) + 2 for k, _ in cells))
+    return "".join(f"{k:>{width}}" for k, _ in cells) + "\n" + "".join(f"{v:>{width}.3f}" for _, v in cells)
 
 
 def format_trajectory(t):
@@ -865,6 +1047,212 @@ def format_trajectory(t):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# MemSearcher vs ReAct (--compare). The paper's trade-off, measured: the same policy, the same test questions,
+# both workflows. ReAct keeps every turn in one context, so its context and its cost grow with the turns;
+# MemSearcher's context holds the question and the memory only, so it stays flat.
+
+def scripted_policy(questions, searches):
+    """A stand-in for the model with generate()'s signature, for measuring context lengths on any machine.
+
+    It knows each toy-world question's hop chain: it searches `searches` times, walking the chain again from
+    the start when it runs out of hops, and then answers with the gold answer. Its memory holds every
+    supporting fact it has read. Its texts are tokenized (they were never sampled), so it measures lengths,
+    not learning.
+    """
+    by_text = {q["question"]: q for q in questions}
+    calls = Counter()                                      # action phases so far, per question
+
+    def generate_fn(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperature=1.0):
+        outs = []
+        for context in contexts:
+            text = tokenizer.decode(context)
+            q = by_text[re.findall(r"<question> (.*?) </question>", text)[-1]]
+            if stops == MEMORY_STOPS:
+                facts = [h["fact"] for h in q["support"] if h["fact"] in text]
+                out = EXPERT_MEMORY.format(" ".join(dict.fromkeys(facts)))
+            else:
+                calls[q["question"]] += 1
+                n = calls[q["question"]]
+                out = (EXPERT_SEARCH.format(q["support"][(n - 1) % len(q["support"])]["query"]) if n <= searches
+                       else EXPERT_ANSWER.format(q["golden_answers"][0]))
+            outs.append((tokenizer(out, add_special_tokens=False).input_ids, out, True))
+        return outs
+    return generate_fn
+
+
+def peak_memory_mb(device):
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # Linux reports KiB
+
+
+def workflow_metrics(trajs, seconds, device):
+    """What the comparison table shows for one workflow."""
+    m = summarize(trajs)
+    turns = max(len(t["context_tokens"]) for t in trajs)
+    return {"em": m["em"], "turns": m["turns"],
+            "context_mean": m["context_tokens_per_turn"],
+            "context_max": [max(t["context_tokens"][i] for t in trajs if len(t["context_tokens"]) > i)
+                            for i in range(turns)],
+            "processed_tokens": sum(t["processed_tokens"] for t in trajs) / len(trajs),
+            "sampled_tokens": m["sampled_tokens"], "generation_s": round(seconds, 2),
+            "peak_memory_mb": round(peak_memory_mb(device), 1), "stops": m["stops"]}
+
+
+def compare_workflows(model, tokenizer, search, questions, cfg, scripted_searches=None):
+    """Greedy rollouts of the same questions with both workflows -> {workflow: metrics}.
+
+    With scripted_searches, the scripted policy plays instead of the model (the model is not used)."""
+    results = {}
+    for workflow in WORKFLOWS:
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        fn = scripted_policy(questions, scripted_searches) if scripted_searches else generate
+        t0 = time.time()
+        trajs = rollout(model, tokenizer, search, questions, cfg, greedy=True, max_turns=cfg.compare_turns,
+                        workflow=workflow, generate_fn=fn)
+        results[workflow] = workflow_metrics(trajs, time.time() - t0, model.device)
+    return results
+
+
+def rollout_throughput(model, tokenizer, search, questions, cfg):
+    """Sampled tokens/s of one batched training rollout (sampling, as in training) vs one trajectory at a time."""
+    model.eval()
+    rates = {}
+    for mode in ["batched", "one at a time"]:
+        torch.manual_seed(cfg.seed)
+        t0 = time.time()
+        if mode == "batched":
+            trajs = rollout(model, tokenizer, search, questions, cfg)
+        else:
+            trajs = [t for q in questions for t in rollout(model, tokenizer, search, [q], cfg)]
+        seconds = time.time() - t0
+        tokens = sum(sum(c["mask"]) for t in trajs for c in t["convs"])
+        rates[mode] = {"trajectories": len(trajs), "sampled_tokens": tokens, "seconds": round(seconds, 2),
+                       "tokens_per_s": round(tokens / seconds, 1)}
+    rates["speedup"] = round(rates["batched"]["tokens_per_s"] / rates["one at a time"]["tokens_per_s"], 2)
+    return rates
+
+
+def compare(cfg):
+    """--compare: evaluate both workflows (model and scripted policy), measure rollout throughput, report."""
+    device, out, train_qs, test_qs, search = setup(cfg)
+    model, tokenizer, _ = prepare_policy(cfg, device, train_qs, search)
+    model.eval()
+    results = {"model": cfg.model, "device": str(device), "questions": len(test_qs), "max_turns": cfg.compare_turns,
+               "policies": {"model (greedy)": compare_workflows(model, tokenizer, search, test_qs, cfg)}}
+    if all("support" in q for q in test_qs):
+        results["policies"]["scripted (searches until the last turn)"] = compare_workflows(
+            model, tokenizer, search, test_qs, cfg, scripted_searches=cfg.compare_turns - 1)
+    batch = [q for q in train_qs[:cfg.questions_per_step] for _ in range(cfg.group_size)]   # one training batch
+    results["throughput"] = rollout_throughput(model, tokenizer, search, batch, cfg)
+    (out / "compare.json").write_text(json.dumps(results, indent=1))
+    print_comparison(results)
+    print(f"written: {out / 'compare.json'}")
+    plot_context(results, out / "context_per_turn.png")
+    return results
+
+
+def print_comparison(r):
+    print(f"\nMemSearcher vs ReAct: {r['questions']} test questions, up to {r['max_turns']} turns, {r['model']} "
+          f"on {r['device']}")
+    for policy, results in r["policies"].items():
+        print(f"\n{policy}")
+        rows = [("EM", "{em:.3f}"), ("mean turns", "{turns:.2f}"), ("tokens processed / trajectory",
+                "{processed_tokens:.0f}"), ("generation seconds", "{generation_s:.1f}"),
+                ("peak memory MB", "{peak_memory_mb:.0f}")]
+        print(f"{'':34}" + "".join(f"{w:>14}" for w in results))
+        for label, f in rows:
+            print(f"{label:34}" + "".join(f"{f.format(**m):>14}" for m in results.values()))
+        turns = max(len(m["context_mean"]) for m in results.values())
+        for i in range(turns):
+            cells = [f"{m['context_mean'][i]:.0f} / {m['context_max'][i]}" if i < len(m["context_mean"]) else "-"
+                     for m in results.values()]
+            print(f"{f'context at turn {i + 1} (mean / max)':34}" + "".join(f"{c:>14}" for c in cells))
+    if r["device"] == "cpu":
+        print("(on a CPU, peak memory is the process's peak resident set so far: a later column is never below "
+              "an earlier one)")
+    t = r["throughput"]
+    print(f"\nrollout throughput, {t['batched']['trajectories']} trajectories sampled as in training: batched "
+          f"{t['batched']['tokens_per_s']:.0f} tokens/s, one trajectory at a time "
+          f"{t['one at a time']['tokens_per_s']:.0f} tokens/s ({t['speedup']:.1f}x)")
+
+
+def plot_context(r, path):
+    """Context tokens per turn for both workflows -> PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(pip install matplotlib to get {path})")
+        return
+    fig, axes = plt.subplots(1, len(r["policies"]), figsize=(5 * len(r["policies"]), 3.5), squeeze=False)
+    for ax, (policy, results) in zip(axes[0], r["policies"].items()):
+        for workflow, m in results.items():
+            ax.plot(range(1, len(m["context_mean"]) + 1), m["context_mean"], marker="o", label=workflow)
+        ax.set(title=policy, xlabel="turn", ylabel="context tokens (mean)", ylim=(0, None))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+def logprob_memory(cfg, rows=16, length=1024, vocab=151_936):
+    """--logprob-memory: peak memory that log-probs + backward add over rows x length tokens with Qwen's vocab.
+
+    A two-layer Qwen2 with hidden size 64 and Qwen2.5's 151,936-token vocabulary stands in for the model: the
+    output layer is what matters. Chunked = token_logprobs(); full = the usual logits.log_softmax().gather(),
+    which holds several [B, T, V] fp32 tensors at once. On a CPU each measurement runs in a fresh process (peak
+    resident memory can only grow); full logits are measured at 1 and 2 rows and scaled to `rows`, because at
+    16 x 1024 they need tens of GB.
+    """
+    import multiprocessing
+    results = {}
+    for method, n in [("chunked", rows), ("full logits", 1), ("full logits", 2)]:
+        if torch.cuda.is_available():
+            added = _logprob_peak(method, n, length, vocab, cfg.logprob_chunk)
+        else:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                added = pool.apply(_logprob_peak, (method, n, length, vocab, cfg.logprob_chunk))
+        results[f"{method}, {n} x {length}"] = round(added)
+        print(f"{method:12} {n:3} x {length} tokens: +{added:,.0f} MB peak")
+    per_row = results[f"full logits, 2 x {length}"] - results[f"full logits, 1 x {length}"]
+    results[f"full logits, {rows} x {length} (scaled)"] = round(results[f"full logits, 1 x {length}"]
+                                                                 + (rows - 1) * per_row)
+    print(f"full logits  {rows} x {length} tokens: ~+{results[f'full logits, {rows} x {length} (scaled)']:,} MB "
+          f"(scaled from 1 and 2 rows: {per_row:,.0f} MB per row)")
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.output_dir) / "logprob_memory.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _logprob_peak(method, rows, length, vocab, chunk):
+    """Peak MB added by one forward + backward of the summed log-probs (runs in its own process on a CPU)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+                                         tie_word_embeddings=True)).to(device)
+    ids = torch.randint(vocab, (rows, length), device=device)
+    attention, mask = torch.ones_like(ids), torch.ones(rows, length, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else peak_memory_mb(device)
+    if method == "chunked":
+        logp = token_logprobs(model, ids, attention, mask, chunk)
+    else:
+        logits = model(input_ids=ids, attention_mask=attention).logits.float()            # [B, T, V]
+        logp = logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(2)      # [B, T-1]
+    logp.sum().backward()
+    return peak_memory_mb(device) - before
+
+
+# -----------------------------------------------------------------------------------------------------------
 # CLI: build or load the model, train with multi-context GRPO, evaluate, save.
 
 def log_metrics(cfg, record):
@@ -872,31 +1260,52 @@ def log_metrics(cfg, record):
         f.write(json.dumps(record) + "\n")
 
 
-def train(cfg):
+def setup(cfg):
+    """Seeds, device, output folder, questions and the search engine shared by every command."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_qs, test_qs = load_questions(cfg.train_file), load_questions(cfg.test_file)
-    test_qs = test_qs[:cfg.eval_n] if cfg.eval_n else test_qs
-    search = local_searcher(cfg.corpus)
+    train_qs = [q for path in cfg.train_file for q in load_questions(path)]
+    test_qs = [q for path in cfg.test_file for q in load_questions(path)[:cfg.eval_n or None]]   # per file
+    search = remote_searcher(cfg.retriever_url) if cfg.retriever_url else local_searcher(cfg.corpus)
+    return device, out, train_qs, test_qs, search
 
-    model_path = cfg.model
-    if cfg.model == "tiny":
-        model_path = build_tiny_model(cfg, tiny_tokenizer_texts(cfg.corpus, [cfg.train_file]))
+
+def prepare_policy(cfg, device, train_qs, search):
+    """The policy GRPO starts from -> (model, tokenizer, where it can be reloaded from, for the KL reference).
+
+    --model tiny builds a random one here; --pretrain-steps and --warm-steps (the teaching aids) then train
+    it, and the result is saved to output_dir/initial.
+    """
+    path = build_tiny_model(cfg, tiny_tokenizer_texts(cfg.corpus, cfg.train_file)) if cfg.model == "tiny" \
+        else cfg.model
+    model, tokenizer = load_policy(path, device)
+    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}")
+    if not (cfg.pretrain_steps or cfg.warm_steps):
+        return model, tokenizer, path
+    if cfg.pretrain_steps:
+        log_metrics(cfg, {"step": 0, "pretrain": pretrain(model, tokenizer, cfg.corpus, train_qs, cfg)})
+    if cfg.warm_steps:
+        log_metrics(cfg, {"step": 0, "warm_start": warm_start(model, tokenizer, search, train_qs, cfg)})
+    initial = save_model(model, tokenizer, Path(cfg.output_dir) / "initial")
+    return model, tokenizer, str(initial)
+
+
+def train(cfg):
+    device, out, train_qs, test_qs, search = setup(cfg)
     start = 0
     if cfg.resume:
         checkpoint = latest_checkpoint(cfg.output_dir)
         model, tokenizer = load_policy(str(checkpoint), device)
+        initial = next((str(p) for p in [out / "initial", out / "tiny-init"] if p.is_dir()), cfg.model)
     else:
-        model, tokenizer = load_policy(model_path, device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters on {device}")
+        model, tokenizer, initial = prepare_policy(cfg, device, train_qs, search)
     ref_model = None
     if cfg.kl_coef > 0:
-        ref_model, _ = load_policy(model_path, device)    # the frozen initial policy
+        ref_model, _ = load_policy(initial, device)        # the frozen policy GRPO started from
         ref_model.requires_grad_(False).eval()
         if device.type == "cuda":
             ref_model.to(torch.bfloat16)
@@ -906,51 +1315,102 @@ def train(cfg):
     if cfg.resume:
         start = restore_trainer_state(optimizer, checkpoint)
         print(f"resumed from {checkpoint} at step {start}")
-    elif cfg.warm_steps:
-        log_metrics(cfg, {"step": 0, "warm_start": warm_start(model, tokenizer, search, train_qs, cfg)})
 
     def run_eval(step):
+        t0 = time.time()
         metrics, trajs = evaluate(model, tokenizer, search, test_qs, cfg)
-        log_metrics(cfg, {"step": step, "eval": metrics})
+        log_metrics(cfg, {"step": step, "eval": metrics, "eval_s": round(time.time() - t0, 1)})
+        keeping = metrics["memory_keeping"]
         tqdm.write(f"[eval step {step}] EM {metrics['em']:.3f}  by type {fmt(metrics['em_by_type'])}  "
-                   f"turns {metrics['turns']:.2f}  stops {metrics['stops']}")
+                   f"turns {metrics['turns']:.2f}  memory keeping {'-' if keeping is None else f'{keeping:.3f}'}"
+                   f"  stops {metrics['stops']}")
+        if len(cfg.test_file) > 1:
+            tqdm.write(benchmark_table(metrics["em_by_benchmark"]))
         return metrics, trajs
 
-    if start == 0:
-        run_eval(0)
+    before = run_eval(0) if start == 0 else None
     bar = tqdm(range(start, cfg.steps), desc="train", unit="step", initial=start, total=cfg.steps)
-    for step in bar:
-        t0 = time.time()
-        batch = random.sample(train_qs, min(cfg.questions_per_step, len(train_qs)))
-        questions = [q for q in batch for _ in range(cfg.group_size)]          # G copies, consecutively
-        model.eval()
-        trajs = rollout(model, tokenizer, search, questions, cfg)
-        t_rollout = time.time() - t0
-        rewards = [t["reward"] for t in trajs]
-        advantages = group_advantages(rewards, cfg.group_size)
-        rows = conversation_rows(trajs, advantages)
-        stats = train_on_rows(model, ref_model, optimizer, rows, cfg, tokenizer.pad_token_id)
-        groups = torch.tensor(rewards).view(-1, cfg.group_size)
-        metrics = summarize(trajs)
-        record = {"step": step + 1, "reward": sum(rewards) / len(rewards),
-                  "mixed_groups": (groups.max(1).values != groups.min(1).values).float().mean().item(),
-                  **stats, **{k: metrics[k] for k in ["turns", "sampled_tokens", "answered", "stops"]},
-                  "context_tokens_per_turn": metrics["context_tokens_per_turn"],
-                  "rollout_s": round(t_rollout, 2), "step_s": round(time.time() - t0, 2),
-                  "sampled_tokens_per_s": round(metrics["sampled_tokens"] * len(trajs) / t_rollout, 1)}
-        log_metrics(cfg, record)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", mixed=f"{record['mixed_groups']:.2f}")
-        if cfg.print_every and (step + 1) % cfg.print_every == 0:
-            tqdm.write(f"[step {step + 1}] " + format_trajectory(trajs[0]))
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            run_eval(step + 1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(model, tokenizer, optimizer, step + 1, cfg)
-    final_metrics, final_trajs = run_eval(cfg.steps)
+    done = start                                           # optimizer steps taken so far
+    try:
+        for step in bar:
+            t0 = time.time()
+            batch = random.sample(train_qs, min(cfg.questions_per_step, len(train_qs)))
+            questions = [q for q in batch for _ in range(cfg.group_size)]          # G copies, consecutively
+            model.eval()
+            trajs = rollout(model, tokenizer, search, questions, cfg)
+            t_rollout = time.time() - t0
+            rewards = [t["reward"] for t in trajs]
+            advantages = group_advantages(rewards, cfg.group_size)
+            rows = conversation_rows(trajs, advantages)
+            stats = train_on_rows(model, ref_model, optimizer, rows, cfg, tokenizer.pad_token_id)
+            done = step + 1
+            groups = torch.tensor(rewards).view(-1, cfg.group_size)
+            metrics = summarize(trajs)
+            record = {"step": step + 1, "reward": sum(rewards) / len(rewards),
+                      "mixed_groups": (groups.max(1).values != groups.min(1).values).float().mean().item(),
+                      **stats, **{k: metrics[k] for k in ["turns", "sampled_tokens", "answered", "stops"]},
+                      "context_tokens_per_turn": metrics["context_tokens_per_turn"],
+                      "rollout_s": round(t_rollout, 2), "step_s": round(time.time() - t0, 2),
+                      "sampled_tokens_per_s": round(metrics["sampled_tokens"] * len(trajs) / t_rollout, 1)}
+            log_metrics(cfg, record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", mixed=f"{record['mixed_groups']:.2f}")
+            if cfg.print_every and (step + 1) % cfg.print_every == 0:
+                tqdm.write(f"[step {step + 1}] " + format_trajectory(trajs[0]))
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                run_eval(step + 1)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                save_checkpoint(model, tokenizer, optimizer, step + 1, cfg)
+    except RetrievalError as err:
+        # A retrieval server that stays down must not cost the run: keep what was learned, say how to go on.
+        path = save_checkpoint(model, tokenizer, optimizer, done, cfg)
+        raise SystemExit(f"{err}\nStopped: saved {path} after {done} steps. When the server is back, rerun the "
+                         "same command with --resume.") from err
     path = save_checkpoint(model, tokenizer, optimizer, cfg.steps, cfg)
+    after = run_eval(cfg.steps)
     print(f"saved {path}; metrics in {out / 'metrics.jsonl'}")
-    print("an evaluation trajectory:\n" + format_trajectory(final_trajs[0]))
-    return final_metrics
+    report(before, after)
+    plot_curves(out)
+    return after[0]
+
+
+def report(before, after):
+    """EM per question type and memory keeping before and after GRPO, and one test question both times."""
+    (m1, t1), (m2, t2) = before or (None, None), after
+    if before:
+        print(f"\n{'':24}{'before GRPO':>12}{'after GRPO':>12}")
+        for k in m2["em_by_type"]:
+            print(f"{'EM ' + k:24}{m1['em_by_type'][k]:12.3f}{m2['em_by_type'][k]:12.3f}")
+        print(f"{'EM all':24}{m1['em']:12.3f}{m2['em']:12.3f}")
+        if m2["memory_keeping"] is not None:
+            print(f"{'memory keeping':24}{m1['memory_keeping']:12.3f}{m2['memory_keeping']:12.3f}")
+    multi_hop = [i for i, t in enumerate(t2) if len(t["question"].get("support", [])) > 1]
+    i = multi_hop[0] if multi_hop else 0
+    if before:
+        print("\nA test question before GRPO:\n" + format_trajectory(t1[i]))
+    print("\nA test question after GRPO:\n" + format_trajectory(t2[i]))
+
+
+def plot_curves(out):
+    """Reward per step and EM per evaluation -> out/curves.png (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(pip install matplotlib to get {out / 'curves.png'}; the numbers are in metrics.jsonl)")
+        return
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train_steps = [(r["step"], r["reward"]) for r in records if "reward" in r]
+    evals = [(r["step"], r["eval"]["em"]) for r in records if "eval" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    if train_steps:
+        axes[0].plot(*zip(*train_steps))
+    axes[0].set(title="training reward (mean EM of sampled trajectories)", xlabel="GRPO step")
+    axes[1].plot(*zip(*evals), marker="o")
+    axes[1].set(title="greedy test EM", xlabel="GRPO step", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    print(f"plots: {out / 'curves.png'}")
 
 
 def fmt(d):
@@ -959,8 +1419,12 @@ def fmt(d):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    train(cfg)
+    if cfg.logprob_memory:
+        logprob_memory(cfg)
+    elif cfg.compare:
+        compare(cfg)
+    else:
+        train(cfg)
 
 
 if __name__ == "__main__":

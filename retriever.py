@@ -49,6 +49,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -253,6 +254,10 @@ def local_searcher(corpus_path, show_progress: bool = True):
 
 # -------------------------------------------------------- remote server ---
 
+class RetrievalError(RuntimeError):
+    """The retrieval server failed (after retries) or answered something unusable."""
+
+
 def post_json(url: str, payload: dict, timeout: float, retries: int, backoff: float):
     """POST JSON and return the decoded answer. Timeouts, connection errors
     and HTTP 5xx are retried after backoff, 2*backoff, 4*backoff... seconds;
@@ -269,18 +274,18 @@ def post_json(url: str, payload: dict, timeout: float, retries: int, backoff: fl
         except urllib.error.HTTPError as e:
             problem = f"HTTP {e.code}, body: {e.read()[:300].decode('utf-8', 'replace')!r}"
             if e.code < 500:
-                raise RuntimeError(f"retrieval server {url} rejected the request: {problem}") from None
+                raise RetrievalError(f"retrieval server {url} rejected the request: {problem}") from None
         except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
             reason = getattr(e, "reason", e)
             problem = (f"timeout (no answer within {timeout} s)" if isinstance(reason, TimeoutError)
                        else f"connection error: {reason}")
     else:
-        raise RuntimeError(f"retrieval server {url} failed after {retries + 1} attempts; "
+        raise RetrievalError(f"retrieval server {url} failed after {retries + 1} attempts; "
                            f"last error: {problem}")
     try:
         return json.loads(body)
     except json.JSONDecodeError:
-        raise RuntimeError(f"retrieval server {url} answered non-JSON: {body[:300]!r}") from None
+        raise RetrievalError(f"retrieval server {url} answered non-JSON: {body[:300]!r}") from None
 
 
 def parse_server_hit(item, url: str) -> dict:
@@ -288,7 +293,7 @@ def parse_server_hit(item, url: str) -> dict:
     {"id", "contents"} -> {"id", "title", "text", "score"}; id/score may be None."""
     doc = item.get("document", item) if isinstance(item, dict) else None
     if not isinstance(doc, dict) or not isinstance(doc.get("contents"), str):
-        raise RuntimeError(  # noqa: TRY004 (a bad server answer is a RuntimeError)
+        raise RetrievalError(  # noqa: TRY004 (a bad server answer is a RetrievalError)
             f"retrieval server {url}: expected a hit like {{'document': {{'contents': ...}}, "
             f"'score': ...}}, got {str(item)[:300]!r}")
     title, text = split_contents(doc["contents"])
@@ -310,7 +315,7 @@ def remote_searcher(url: str, timeout: float = 30, retries: int = 3, backoff: fl
         result = answer.get("result") if isinstance(answer, dict) else None
         if not isinstance(result, list) or len(result) != len(queries) \
                 or not all(isinstance(hits, list) for hits in result):
-            raise RuntimeError(f"retrieval server {url}: expected {{'result': [one list of hits per "
+            raise RetrievalError(f"retrieval server {url}: expected {{'result': [one list of hits per "
                                f"query]}} with {len(queries)} lists, got {str(answer)[:300]!r}")
         return [[parse_server_hit(item, url) for item in hits] for hits in result]
     return searcher
@@ -393,7 +398,8 @@ def check(index: BM25Index, queries: list[str], k: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("queries", nargs="*", help="queries to search for")
-    parser.add_argument("--corpus", default="data/corpus.jsonl", help="FlashRAG corpus JSONL")
+    parser.add_argument("--corpus", default=str(Path(__file__).parent / "data" / "corpus.jsonl"),
+                        help="FlashRAG corpus JSONL")
     parser.add_argument("--url", help="query a Search-R1 server (e.g. http://host:8000/retrieve)")
     parser.add_argument("-k", type=int, default=3, help="hits per query")
     parser.add_argument("--check", action="store_true", help="compare scores with rank_bm25")

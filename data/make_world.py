@@ -7,20 +7,23 @@ The world has countries, cities, people and novels:
 
     country  -- "{country} is a country whose capital is {city}."
     city     -- "{city} is a city in the country of {country}."
-    person   -- "{person} was born in {city} in {year}."           (the bio passage)
-                "{person} worked as a {job} in {other city}."       (a distractor for "born in")
+    person   -- "{person} was born in {city}."                     (the bio passage)
+                "{person} worked as a {job} near {other city}."     (the work passage)
     novel    -- "{title} is a novel by the author {person}."
 
 People share first and last names and novels share title words, so BM25 returns look-alike passages next to
 the right one. Questions come in four types:
 
-    1-hop         Where was Ilvo Marsk born?                       bio
-    2-hop bridge  In which country was Ilvo Marsk born?            bio -> city
-    3-hop bridge  In which country was the author of X born?       novel -> bio -> city
-    comparison    Who was born first, Ilvo Marsk or Dena Quell?    bio, bio
+    1-hop         Where was Ilvo Marsk born?                                 bio
+    2-hop bridge  In which country was Ilvo Marsk born?                      bio -> city
+    3-hop bridge  In which country was the author of X born?                 novel -> bio -> city
+    comparison    Were Ilvo Marsk and Dena Quell born in the same city?      bio, bio  (yes / no)
+
+There are no numbers in this world on purpose: Qwen's tokenizer splits a number into single digits, and
+copying digit strings is much harder for a tiny model than copying names.
 
 Each question records its supporting passages in hop order, with the query an expert would search for, the
-fact (the passage's sentence) it would keep in memory, and what that hop finds (a city, a year, a name):
+fact (the passage's sentence) it would keep in memory, and what that hop finds (a city, a job, a name):
 `support: [{"doc_id", "query", "fact", "finding"}, ...]`.
 memsearcher.py uses that chain to script the expert trajectories of its CPU warm start.
 
@@ -39,7 +42,7 @@ from pathlib import Path
 SEED = 2511
 N_COUNTRIES, N_CITIES, N_PEOPLE, N_NOVELS = 30, 240, 1000, 900
 N_TRAIN, N_TEST = 2400, 300
-TYPE_SHARES = {"1-hop": 0.30, "2-hop bridge": 0.30, "3-hop bridge": 0.15, "comparison": 0.25}
+TYPE_SHARES = {"1-hop": 0.20, "2-hop bridge": 0.35, "3-hop bridge": 0.25, "comparison": 0.20}
 
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr",
           "st", "sh", "th", "gl"]
@@ -85,7 +88,7 @@ def build_world(rng):
                   for i, city in enumerate(cities)}                     # every country gets at least one city
     capital_of = {country: cities[i] for i, country in enumerate(countries)}
     born_in = {p: rng.choice(cities) for p in people}
-    born_year = {p: rng.randint(1900, 1989) for p in people}
+    job_of = {p: rng.choice(JOBS) for p in people}
     author_of = {novel: rng.choice(people) for novel in novels}
 
     passages, doc_of = [], {}
@@ -99,10 +102,10 @@ def build_world(rng):
     for city in cities:
         add_passage(("city", city), city, f"{city} is a city in the country of {country_of[city]}.")
     for p in people:
-        add_passage(("bio", p), p, f"{p} was born in {born_in[p]} in {born_year[p]}.")
+        add_passage(("bio", p), p, f"{p} was born in {born_in[p]}.")
         work_city = rng.choice([c for c in cities if c != born_in[p]])
-        job = rng.choice(JOBS)
-        add_passage(("work", p), p, f"{p} worked as {'an' if job[0] in 'aeiou' else 'a'} {job} in {work_city}.")
+        article = "an" if job_of[p][0] in "aeiou" else "a"
+        add_passage(("work", p), p, f"{p} worked as {article} {job_of[p]} near {work_city}.")
     for novel in novels:
         add_passage(("novel", novel), novel, f"{novel} is a novel by the author {author_of[novel]}.")
     rng.shuffle(passages)  # ids stay; order should not hint at anything
@@ -113,58 +116,48 @@ def build_world(rng):
         return {"doc_id": doc_of[key], "query": query, "fact": text_of[doc_of[key]], "finding": str(finding)}
 
     world = dict(people=people, novels=novels, cities=cities, country_of=country_of, born_in=born_in,
-                 born_year=born_year, author_of=author_of, hop=hop)
+                 job_of=job_of, author_of=author_of, hop=hop)
     return world, passages
 
 
 def make_question(rng, world, qtype):
     """One question of the given type: (question, answer, support chain)."""
     w, hop = world, world["hop"]
+
+    def bio(p):                                  # the hop that finds where p was born
+        return hop(("bio", p), f"{p} born", w["born_in"][p])
+
+    def author(novel):                           # the hop that finds who wrote a novel
+        return hop(("novel", novel), f"{novel} author", w["author_of"][novel])
+
+    def country(city):                           # the hop that finds a city's country
+        return hop(("city", city), f"{city} country", w["country_of"][city])
+
+    def job(p):                                  # the hop that finds what p worked as
+        return hop(("work", p), f"{p} worked", w["job_of"][p])
+
+    p, novel, city = rng.choice(w["people"]), rng.choice(w["novels"]), rng.choice(w["cities"])
+    writer = w["author_of"][novel]
     if qtype == "1-hop":
-        kind = rng.randrange(4)
-        if kind == 0:
-            p = rng.choice(w["people"])
-            return f"Where was {p} born?", w["born_in"][p], [hop(("bio", p), f"{p} born", w["born_in"][p])]
-        if kind == 1:
-            p = rng.choice(w["people"])
-            year = w["born_year"][p]
-            return f"In which year was {p} born?", str(year), [hop(("bio", p), f"{p} born", year)]
-        if kind == 2:
-            novel = rng.choice(w["novels"])
-            author = w["author_of"][novel]
-            return f"Who wrote {novel}?", author, [hop(("novel", novel), f"{novel} author", author)]
-        city = rng.choice(w["cities"])
-        country = w["country_of"][city]
-        return f"In which country is {city}?", country, [hop(("city", city), f"{city} country", country)]
+        return rng.choice([
+            (f"Where was {p} born?", w["born_in"][p], [bio(p)]),
+            (f"What did {p} work as?", w["job_of"][p], [job(p)]),
+            (f"Who wrote {novel}?", writer, [author(novel)]),
+            (f"In which country is {city}?", w["country_of"][city], [country(city)])])
     if qtype == "2-hop bridge":
-        kind = rng.randrange(3)
-        if kind == 0:
-            p = rng.choice(w["people"])
-            city = w["born_in"][p]
-            return (f"In which country was {p} born?", w["country_of"][city],
-                    [hop(("bio", p), f"{p} born", city), hop(("city", city), f"{city} country", w["country_of"][city])])
-        novel = rng.choice(w["novels"])
-        p = w["author_of"][novel]
-        answer = w["born_in"][p] if kind == 1 else str(w["born_year"][p])
-        chain = [hop(("novel", novel), f"{novel} author", p), hop(("bio", p), f"{p} born", answer)]
-        if kind == 1:
-            return f"Where was the author of {novel} born?", answer, chain
-        return f"In which year was the author of {novel} born?", answer, chain
+        return rng.choice([
+            (f"In which country was {p} born?", w["country_of"][w["born_in"][p]], [bio(p), country(w["born_in"][p])]),
+            (f"Where was the author of {novel} born?", w["born_in"][writer], [author(novel), bio(writer)]),
+            (f"What did the author of {novel} work as?", w["job_of"][writer], [author(novel), job(writer)])])
     if qtype == "3-hop bridge":
-        novel = rng.choice(w["novels"])
-        p = w["author_of"][novel]
-        city = w["born_in"][p]
-        return (f"In which country was the author of {novel} born?", w["country_of"][city],
-                [hop(("novel", novel), f"{novel} author", p), hop(("bio", p), f"{p} born", city),
-                 hop(("city", city), f"{city} country", w["country_of"][city])])
-    if qtype == "comparison":
-        while True:
-            a, b = rng.sample(w["people"], 2)
-            if w["born_year"][a] != w["born_year"][b]:
-                break
-        first = a if w["born_year"][a] < w["born_year"][b] else b
-        return (f"Who was born first, {a} or {b}?", first,
-                [hop(("bio", a), f"{a} born", w["born_year"][a]), hop(("bio", b), f"{b} born", w["born_year"][b])])
+        birthplace = w["born_in"][writer]
+        return (f"In which country was the author of {novel} born?", w["country_of"][birthplace],
+                [author(novel), bio(writer), country(birthplace)])
+    if qtype == "comparison":                    # half the pairs share a birthplace
+        same = [q for q in w["people"] if q != p and w["born_in"][q] == w["born_in"][p]]
+        other = rng.choice(same) if same and rng.random() < 0.5 else rng.choice(w["people"])
+        answer = "yes" if w["born_in"][other] == w["born_in"][p] else "no"
+        return f"Were {p} and {other} born in the same city?", answer, [bio(p), bio(other)]
     raise ValueError(f"unknown question type {qtype!r}")
 
 
@@ -175,10 +168,12 @@ def make_questions(rng, world, n):
     rng.shuffle(types)
     seen, records = set(), []
     for qtype in types:
-        while True:
+        for _ in range(10_000):
             question, answer, support = make_question(rng, world, qtype)
             if question not in seen:
                 break
+        else:
+            raise ValueError(f"cannot find {n} distinct questions: the world is too small for that many")
         seen.add(question)
         records.append({"question": question, "golden_answers": [answer], "type": qtype, "support": support})
     return records
