@@ -374,6 +374,15 @@ def test_memsearcher_context_stays_flat_while_react_grows(tiny, searcher):
         assert t["context_tokens"][-1] > 2 * t["context_tokens"][1]
 
 
+def test_react_trains_with_the_same_grpo_code(tmp_path):
+    cfg = tiny_config(tmp_path, workflow="react", pretrain_steps=0, warm_steps=0, steps=2, group_size=2,
+                      questions_per_step=2, eval_n=2, max_new_tokens=8, eval_every=0, print_every=0)
+    ms.train(cfg)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [rec["step"] for rec in records if "reward" in rec] == [1, 2]
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-000002"
+
+
 def test_compare_command_writes_both_workflows(tmp_path):
     out = tmp_path / "cmp"
     result = run_cli("--tiny", "--compare", "--output-dir", str(out), "--pretrain-steps", "0", "--warm-steps", "0",
@@ -445,9 +454,19 @@ def test_tiny_preset_warm_start_only_for_the_model_it_builds():
     assert ms.parse_args(["--tiny", "--model", "some/path", "--warm-steps", "5"]).warm_steps == 5
 
 
+def test_a_new_run_keeps_the_old_metrics_log(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    ms.setup(tiny_config(tmp_path, eval_n=1))
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert [p.read_text() for p in tmp_path.glob("metrics.*.jsonl")] == ['{"step": 1}\n']
+
+
 @pytest.mark.parametrize("args, message", [
     (["--group-size", "0"], "--group-size must be at least 1"),
     (["--lr", "-1"], "--lr must not be negative"),
+    (["--expert-forget", "1.5"], "--expert-forget is a probability"),
+    (["--workflow", "chain"], "--workflow must be one of memsearcher, react"),
+    (["--tiny", "--workflow", "react"], "--warm-steps imitates a MemSearcher expert"),
     (["--corpus", "nope.jsonl"], "--corpus: no such file"),
     (["--tiny", "--small"], "not allowed with argument"),
 ])
@@ -482,6 +501,14 @@ def test_repeated_test_files_give_em_per_benchmark_and_their_average(tmp_path):
     header, values = ms.benchmark_table(metrics["em_by_benchmark"]).split("\n")
     assert header.split() == ["NQ", "HotpotQA", "Avg"]                                  # the paper's order
     assert values.split() == ["1.000", "0.333", "0.667"]                                # Avg over benchmarks
+
+
+def test_question_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b'{"question": "ok?", "golden_answers": ["a"]}\n'
+                     b'{"question": "caf\xe9?", "golden_answers": ["a"]}\n')             # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=f"^{path}:2: not UTF-8"):
+        ms.load_questions(path)
 
 
 def test_duplicate_question_ids_name_both_lines(tmp_path):
