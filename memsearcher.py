@@ -56,7 +56,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           LogitsProcessorList)
 from transformers.utils import logging as hf_logging
 
-from retriever import RetrievalError, format_hits, local_searcher, remote_searcher
+from retriever import RetrievalError, format_hits, load_corpus, local_searcher, remote_searcher
 
 DATA = Path(__file__).parent / "data"
 
@@ -237,12 +237,9 @@ def user_message(question, memory):
 
 def render_prompt(tokenizer, question, memory, workflow="memsearcher"):
     """Token ids of a fresh turn: system prompt + user(question, memory) + the assistant's opening marker."""
-    if workflow == "react":
-        messages = [{"role": "system", "content": REACT_SYSTEM_PROMPT},
-                    {"role": "user", "content": user_message(question, None)}]
-    else:
-        messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": user_message(question, memory)}]
+    react = workflow == "react"
+    messages = [{"role": "system", "content": REACT_SYSTEM_PROMPT if react else SYSTEM_PROMPT},
+                {"role": "user", "content": user_message(question, None if react else memory)}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False).input_ids
 
@@ -754,7 +751,6 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 def build_tiny_model(cfg, texts):
     """Train a tokenizer on `texts`, build a random Qwen2 on it, save both -> their folder."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     path = Path(cfg.output_dir) / "tiny-init"
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
@@ -773,13 +769,19 @@ def build_tiny_model(cfg, texts):
         "model_max_length": 4096,
         "added_tokens_decoder": {str(bpe.token_to_id(s)): {"content": s, **special} for s in SPECIALS}}, indent=1))
     torch.manual_seed(cfg.seed)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=bpe.get_vocab_size(), hidden_size=cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers,
-        num_attention_heads=4, num_key_value_heads=2, intermediate_size=4 * cfg.tiny_hidden,
-        max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=None,
-        eos_token_id=bpe.token_to_id("<|im_end|>"), pad_token_id=bpe.token_to_id("<|endoftext|>")))
+    model = small_qwen2(bpe.get_vocab_size(), cfg.tiny_hidden, cfg.tiny_layers, bos_token_id=None,
+                        eos_token_id=bpe.token_to_id("<|im_end|>"), pad_token_id=bpe.token_to_id("<|endoftext|>"))
     model.save_pretrained(path)
     return str(path)
+
+
+def small_qwen2(vocab, hidden, layers, **special_ids):
+    """A randomly initialised Qwen2 (4 attention heads sharing 2 key/value heads, tied embeddings)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=4 * hidden, max_position_embeddings=4096,
+        tie_word_embeddings=True, **special_ids))
 
 
 def tiny_tokenizer_texts(corpus_file, question_files):
@@ -818,9 +820,7 @@ def pretrain(model, tokenizer, corpus_file, questions, cfg, batch=16, length=256
     target, fixes that.
     """
     rng = random.Random(cfg.seed)
-    passages = [{"title": c.split("\n", 1)[0], "text": c.split("\n", 1)[-1]}
-                for c in (json.loads(line)["contents"] for line in open(corpus_file, encoding="utf-8"))]
-    texts = [format_hits([p]) for p in passages] + [q["question"] for q in questions]
+    texts = [format_hits([p]) for p in load_corpus(corpus_file)] + [q["question"] for q in questions]
     rng.shuffle(texts)
     stream = [t for ids in tokenizer([t + "\n" for t in texts], add_special_tokens=False).input_ids for t in ids]
     chunks = [stream[i:i + length] for i in range(0, len(stream) - length + 1, length)]
@@ -1235,12 +1235,9 @@ def logprob_memory(cfg, rows=16, length=1024, vocab=151_936):
 
 def _logprob_peak(method, rows, length, vocab, chunk):
     """Peak MB added by one forward + backward of the summed log-probs (runs in its own process on a CPU)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
-                                         tie_word_embeddings=True)).to(device)
+    model = small_qwen2(vocab, hidden=64, layers=2).to(device)
     ids = torch.randint(vocab, (rows, length), device=device)
     attention, mask = torch.ones_like(ids), torch.ones(rows, length, device=device)
     if device.type == "cuda":
