@@ -448,7 +448,7 @@ def test_tiny_trains_saves_reloads_and_evaluates(tmp_path):
 
 def test_tiny_preset_warm_start_only_for_the_model_it_builds():
     built = ms.parse_args(["--tiny"])
-    assert (built.model, built.pretrain_steps, built.warm_steps) == ("tiny", 300, 1200)
+    assert (built.model, built.pretrain_steps, built.warm_steps) == ("tiny", 300, 2400)
     loaded = ms.parse_args(["--tiny", "--model", "runs/tiny/checkpoint-000030"])
     assert (loaded.pretrain_steps, loaded.warm_steps, loaded.group_size) == (0, 0, 8)
     assert ms.parse_args(["--tiny", "--model", "some/path", "--warm-steps", "5"]).warm_steps == 5
