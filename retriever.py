@@ -281,7 +281,7 @@ def post_json(url: str, payload: dict, timeout: float, retries: int, backoff: fl
                        else f"connection error: {reason}")
     else:
         raise RetrievalError(f"retrieval server {url} failed after {retries + 1} attempts; "
-                           f"last error: {problem}")
+                             f"last error: {problem}")
     try:
         return json.loads(body)
     except json.JSONDecodeError:
@@ -316,7 +316,7 @@ def remote_searcher(url: str, timeout: float = 30, retries: int = 3, backoff: fl
         if not isinstance(result, list) or len(result) != len(queries) \
                 or not all(isinstance(hits, list) for hits in result):
             raise RetrievalError(f"retrieval server {url}: expected {{'result': [one list of hits per "
-                               f"query]}} with {len(queries)} lists, got {str(answer)[:300]!r}")
+                                 f"query]}} with {len(queries)} lists, got {str(answer)[:300]!r}")
         return [[parse_server_hit(item, url) for item in hits] for hits in result]
     return searcher
 
