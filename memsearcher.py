@@ -339,10 +339,11 @@ def stop_index(pieces, eos_ids, ids, stops):
 class SampleFromSoftmax(LogitsProcessor):
     """Sampling at a temperature, written as a logits processor for greedy decoding.
 
-    It draws each next token from softmax(scores / T) by inverse CDF (one uniform number per row) and leaves
-    only that token's score finite, so the greedy argmax picks it. The distribution is exactly that of
-    do_sample=True; torch.multinomial is ~15x slower on a CPU (13 ms vs 0.9 ms for a [128, 2791] batch,
-    softmax included), which would dominate --tiny's rollouts.
+    It draws each next token from the full softmax(scores / T), with no top-k or top-p cut (transformers'
+    do_sample=True would add its default top_k=50), by inverse CDF: one uniform number per row. Then it leaves
+    only that token's score finite, so the greedy argmax picks it. The full softmax at T is what GRPO needs:
+    token_logprobs computes the log-probs of exactly this distribution. torch.multinomial would be ~15x
+    slower on a CPU (see the README), enough to dominate --tiny's rollouts.
     """
 
     def __init__(self, temperature):
@@ -371,7 +372,7 @@ def generate(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperat
         sampler = None if greedy else LogitsProcessorList([SampleFromSoftmax(temperature)])
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                              do_sample=False, logits_processor=sampler, max_new_tokens=max_new_tokens,
-                             stop_strings=stops, tokenizer=tokenizer)
+                             stop_strings=stops or None, tokenizer=tokenizer)
     sampled = out[:, width:].tolist()
     eos_ids = set(model.generation_config.eos_token_id)
     results = []
@@ -543,8 +544,15 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, n_tokens, clip_eps, dual_clip
     return loss, stats
 
 
-def token_logprobs(model, ids, attention, mask, chunk):
+RECOMPUTE_LOGITS_ABOVE_BYTES = 2**30         # 1 GB of fp32 logits
+
+
+def token_logprobs(model, ids, attention, mask, chunk, temperature=1.0):
     """log p(ids[b, t] | ids[b, :t]) where mask[b, t] = 1, else 0.   ids, attention, mask: [B, T] -> [B, T] fp32.
+
+    p is softmax(logits / temperature): the distribution the rollout sampled from. Every log-prob the loss uses
+    (current, rollout and reference policy) is taken at the sampling temperature, as verl does; at any other
+    temperature the policy gradient would be biased and the PPO ratio would compare the wrong distributions.
 
     A [B, T, V] logits tensor would be huge (16 x 1024 x 151,936 fp32 = 10 GB), and we only need the log-prob
     of one token per position, at the positions we train. So: run the transformer body once, keep the hidden
@@ -560,12 +568,12 @@ def token_logprobs(model, ids, attention, mask, chunk):
     head = model.get_output_embeddings()
 
     def chunk_logprobs(h_chunk, t_chunk):
-        logits = head(h_chunk).float()                                      # [n, V] fp32 for a stable softmax
+        logits = head(h_chunk).float() / temperature                        # [n, V] fp32 for a stable softmax
         return logits.gather(1, t_chunk[:, None]).squeeze(1) - logits.logsumexp(dim=1)   # [n]
 
-    # Checkpoint the chunks only when all the logits at once would be big (> 1 GB in fp32): recomputing them
-    # in backward costs a second pass through the output layer, a waste for the tiny model.
-    recompute = torch.is_grad_enabled() and len(targets) * head.out_features * 4 > 2**30
+    # Checkpoint the chunks only when all the logits at once would be big: recomputing them in backward costs
+    # a second pass through the output layer, a waste for the tiny model.
+    recompute = torch.is_grad_enabled() and len(targets) * head.out_features * 4 > RECOMPUTE_LOGITS_ABOVE_BYTES
     parts = []
     for i in range(0, len(targets), chunk):
         args = (h[i:i + chunk], targets[i:i + chunk])
@@ -635,7 +643,7 @@ def attach_logprobs(model, rows, key, cfg, pad_id):
     for batch in pack_micro_batches(rows, cfg.micro_batch_tokens):
         ids, attention, mask, _ = collate(batch, pad_id, model.device)
         with autocast(model.device):
-            logp = token_logprobs(model, ids, attention, mask, cfg.logprob_chunk).cpu()
+            logp = token_logprobs(model, ids, attention, mask, cfg.logprob_chunk, cfg.temperature).cpu()
         for i, r in enumerate(batch):
             r[key] = logp[i, :len(r["ids"])]
 
@@ -663,7 +671,7 @@ def train_on_rows(model, ref_model, optimizer, rows, cfg, pad_id):
         for batch in pack_micro_batches([r for r in minibatch if needs_forward(r)], cfg.micro_batch_tokens):
             ids, attention, mask, adv = collate(batch, pad_id, model.device)
             with autocast(model.device):
-                logp = token_logprobs(model, ids, attention, mask, cfg.logprob_chunk)
+                logp = token_logprobs(model, ids, attention, mask, cfg.logprob_chunk, cfg.temperature)
             # With one update per batch the policy has not moved since the rollout: old log-probs = current
             # ones (detached), so the ratio is exactly 1 and only its gradient matters.
             old = stack_key(batch, "old_logp", logp) if cfg.updates_per_step > 1 else logp.detach()
@@ -676,12 +684,13 @@ def train_on_rows(model, ref_model, optimizer, rows, cfg, pad_id):
             totals["loss"] += loss.item()
         totals["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         optimizer.step()
-    n_all = max(1, sum(sum(r["mask"]) for r in rows))
-    # entropy_proxy: mean -log pi(sampled token) over the rows trained. At temperature 1 its expectation is
-    # the policy's entropy, so it watches for collapse without a [T, V] entropy computation.
-    return {"loss": totals["loss"], "kl": totals["kl"] / n_all, "clip_frac": totals["clip_frac"] / n_all,
-            "grad_norm": totals["grad_norm"] / cfg.updates_per_step,
-            "entropy_proxy": totals["neg_logp"] / totals["n_forward"] if totals["n_forward"] else None}
+    n_forward = max(1, totals["n_forward"])
+    # Means over the tokens that had a forward pass (skipped zero-advantage rows have no ratio and no KL).
+    # entropy_proxy: mean -log pi(sampled token). Its expectation is the entropy of the sampling distribution,
+    # so it watches for collapse without a [T, V] entropy computation.
+    return {"loss": totals["loss"] / cfg.updates_per_step, "kl": totals["kl"] / n_forward,
+            "clip_frac": totals["clip_frac"] / n_forward, "grad_norm": totals["grad_norm"] / cfg.updates_per_step,
+            "entropy_proxy": totals["neg_logp"] / n_forward if totals["n_forward"] else None}
 
 
 def stack_key(batch, key, like):
@@ -776,6 +785,17 @@ def build_tiny_model(cfg, texts):
                         eos_token_id=bpe.token_to_id("<|im_end|>"), pad_token_id=bpe.token_to_id("<|endoftext|>"))
     model.save_pretrained(path)
     return str(path)
+
+
+def qwen25_05b_shaped(layers=24):
+    """Qwen2.5-0.5B's exact shape with random weights, built offline (no hub): 24 layers of hidden 896, 14 heads
+    sharing 2 key/value heads, MLP 4864, the 151,936-token vocabulary, tied embeddings, rope theta 1e6.
+    `layers` cuts it down for tests and measurements on a CPU."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645))
 
 
 def small_qwen2(vocab, hidden, layers, **special_ids):

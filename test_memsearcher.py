@@ -2,13 +2,17 @@
 
     HF_HUB_OFFLINE=1 python -m pytest -q
 """
+import copy
 import http.server
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -267,8 +271,273 @@ def test_positive_advantage_raises_that_conversations_logprob(tiny):
     assert logp(up) > before[0] and logp(down) < before[1]
 
 
-# --------------------------------------------------------------------------------------------- rollout ---
+def test_grpo_loss_known_numbers():
+    """Each token's loss by hand: PPO-clip, the dual clip, and the k3 KL with its sign."""
+    #                   inside  clipped above  clipped below  dual clip  clipped above
+    ratio = torch.tensor([[1.1, 1.5, 0.5, 4.0, 4.0]])
+    adv = torch.tensor([1.0])
+    logp = torch.full((1, 5), -1.0)
+    old = logp - ratio.log()
+    mask = torch.ones(1, 5)
+    per_token = lambda a: [ms.grpo_loss(logp[:, i:i + 1], old[:, i:i + 1], None, a, mask[:, i:i + 1], 1,  # noqa: E731
+                                        0.2, 3.0, 0.0)[0].item() for i in range(5)]
+    # A = +1: -min(r, clip(r)) -> -1.1, -1.2 (clipped), -0.5, -1.2, -1.2
+    assert per_token(adv) == pytest.approx([-1.1, -1.2, -0.5, -1.2, -1.2], abs=1e-5)
+    # A = -1: max(r, clip(r)), capped at c = 3 by the dual clip -> 1.1, 1.5, 0.8 (clipped), 3.0, 3.0
+    assert per_token(-adv) == pytest.approx([1.1, 1.5, 0.8, 3.0, 3.0], abs=1e-5)
+    # k3 KL(pi || pi_ref) with d = log pi_ref - log pi = -1: exp(-1) + 1 - 1 = 0.3679 (the flipped sign: 0.7183)
+    loss, stats = ms.grpo_loss(logp[:, :1], logp[:, :1], logp[:, :1] - 1, torch.zeros(1), mask[:, :1], 1,
+                               0.2, 3.0, kl_coef=2.0)
+    assert stats["kl"] == pytest.approx(math.exp(-1), abs=1e-5) and loss.item() == pytest.approx(2 * math.exp(-1))
+    # the mean is over the n_tokens given (the whole mini-batch), not over this call's own tokens
+    half = ms.grpo_loss(logp, old, None, adv, mask, 10, 0.2, 3.0, 0.0)[0]
+    assert half.item() == pytest.approx(sum(per_token(adv)) / 10, abs=1e-5)
 
+
+def sgd_update(model, rows, cfg):
+    """The parameter change of one train_on_rows call with plain SGD (lr 1, no clipping): linear in the loss."""
+    before = [p.detach().clone() for p in model.parameters()]
+    ms.train_on_rows(model, None, torch.optim.SGD(model.parameters(), lr=1.0), rows, cfg, 0)
+    delta = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before):
+            p.copy_(b)
+    return torch.cat([d.flatten() for d in delta])
+
+
+def test_update_is_a_token_mean_over_the_mini_batch(tiny):
+    """The same update whichever way rows are split into micro-batches, and zero-advantage rows (skipped in
+    the forward pass) still count in the token mean."""
+    cfg, model, tokenizer = tiny
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for length, sampled, adv in [(12, 5, 1.5), (9, 7, -0.5), (15, 3, 0.8), (10, 6, 0.0)]:
+        ids = torch.randint(3, len(tokenizer), (length,), generator=gen).tolist()
+        rows.append({"ids": ids, "mask": [0] * (length - sampled) + [1] * sampled, "adv": adv})
+    one_batch = sgd_update(model, rows, tiny_config(cfg.output_dir, grad_clip=1e9, micro_batch_tokens=10**6))
+    row_each = sgd_update(model, rows, tiny_config(cfg.output_dir, grad_clip=1e9, micro_batch_tokens=1))
+    assert one_batch.abs().sum() > 0
+    assert torch.allclose(one_batch, row_each, atol=1e-6)
+    # without the zero-advantage row the mean is over 15 sampled tokens instead of 21
+    without = sgd_update(model, rows[:3], tiny_config(cfg.output_dir, grad_clip=1e9))
+    assert torch.allclose(one_batch, without * 15 / 21, atol=1e-6)
+
+
+def sharpened(model):
+    """A copy of the random tiny model with logits 3x larger: far from uniform, so the temperature matters
+    (top token: p = 0.19 at T = 0.5, 0.01 at T = 1)."""
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        sharp.model.norm.weight.mul_(3)
+    return sharp
+
+
+def test_sampler_frequencies_match_token_logprobs_at_temperature(tiny):
+    cfg, model, tokenizer = tiny
+    model = sharpened(model)
+    context = ms.render_prompt(tokenizer, "Where was Ilvo Marsk born?", "")
+    torch.manual_seed(0)
+    n = 3000
+    outs = ms.generate(model, tokenizer, [context] * n, [], max_new_tokens=1, greedy=False, temperature=0.5)
+    counts = Counter(ids[0] for ids, _, _ in outs)
+    top = [token for token, _ in counts.most_common(3)]
+    ids = torch.tensor([context + [t] for t in top])
+    mask = torch.zeros_like(ids, dtype=torch.float32)
+    mask[:, -1] = 1
+    with torch.no_grad():
+        p_half = ms.token_logprobs(model, ids, torch.ones_like(ids), mask, 64, temperature=0.5)[:, -1].exp()
+        p_one = ms.token_logprobs(model, ids, torch.ones_like(ids), mask, 64, temperature=1.0)[:, -1].exp()
+    freq = torch.tensor([counts[t] / n for t in top])
+    assert (freq - p_half).abs().max() < 0.03, (freq, p_half)         # 4 standard errors at most
+    assert (freq - p_one).abs().max() > 0.1                             # T = 1 would be visibly wrong
+
+
+def test_every_logprob_in_the_loss_is_taken_at_the_sampling_temperature(tiny, monkeypatch):
+    """Current, rollout ("old") and reference log-probs all at T = 0.5: before the first update they are equal,
+    so the ratio is 1 and the KL 0, and they are log softmax(logits / 0.5)."""
+    cfg, model, tokenizer = tiny
+    policy, ref = sharpened(model), sharpened(model)
+    prompt = ms.render_prompt(tokenizer, "Where was Ilvo Marsk born?", "")
+    sampled = tokenizer("<search> Ilvo Marsk born </search>", add_special_tokens=False).input_ids
+    rows = [{"ids": prompt + sampled, "mask": [0] * len(prompt) + [1] * len(sampled), "adv": a} for a in [1.0, -1.0]]
+    seen = []
+    real_loss = ms.grpo_loss
+    monkeypatch.setattr(ms, "grpo_loss", lambda *args: seen.append(args) or real_loss(*args))
+    hot = tiny_config(cfg.output_dir, temperature=0.5, updates_per_step=2, kl_coef=0.1)
+    ms.train_on_rows(policy, ref, torch.optim.SGD(policy.parameters(), lr=0.1), rows, hot, tokenizer.pad_token_id)
+    logp, old, ref_logp, _, mask = seen[0][:5]
+    ids, attention, _, _ = ms.collate(rows[:1], tokenizer.pad_token_id, policy.device)   # both rows: same ids
+    with torch.no_grad():
+        by_hand = torch.log_softmax(ref(input_ids=ids, attention_mask=attention).logits / 0.5, -1)
+    expected = by_hand[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2) * mask[:, 1:]
+    assert torch.allclose(logp[:, 1:].detach(), expected, atol=1e-4)
+    assert torch.allclose(old, logp.detach(), atol=1e-5) and torch.allclose(ref_logp, logp.detach(), atol=1e-5)
+
+
+def test_checkpointed_logprob_chunks_give_the_same_gradient(tiny, monkeypatch):
+    _, model, tokenizer = tiny
+    ids = torch.randint(3, len(tokenizer), (2, 20))
+    mask = torch.ones(2, 20)
+
+    def gradient():
+        model.zero_grad()
+        (ms.token_logprobs(model, ids, torch.ones_like(ids), mask, chunk=7) * mask).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    plain = gradient()
+    monkeypatch.setattr(ms, "RECOMPUTE_LOGITS_ABOVE_BYTES", 0)        # checkpoint every chunk
+    assert torch.allclose(gradient(), plain, atol=1e-6)
+
+
+def test_padded_rows_get_the_same_logprobs_as_alone(tiny):
+    """collate pads on the right, so a row's positions do not depend on the longest row of its micro-batch."""
+    cfg, model, tokenizer = tiny
+    rows = [{"ids": list(range(5, 5 + n)), "mask": [0] * 2 + [1] * (n - 2), "adv": 1.0} for n in (6, 13)]
+    rows[0]["ids"][-1] = tokenizer.pad_token_id           # a sampled token equal to the pad id is still trained
+    ms.attach_logprobs(model, rows, "together", tiny_config(cfg.output_dir), tokenizer.pad_token_id)
+    for r in rows:
+        alone = [dict(r)]
+        ms.attach_logprobs(model, alone, "alone", tiny_config(cfg.output_dir), tokenizer.pad_token_id)
+        assert torch.allclose(r["together"], alone[0]["alone"], atol=1e-5)
+        assert (r["together"] != 0).tolist() == [False] + [bool(m) for m in r["mask"][1:]]
+
+
+def test_small_update_with_qwen_vocabulary_kl_and_two_updates(tiny, monkeypatch):
+    """The --small update on the CPU: a Qwen2.5-0.5B-shaped layer (hidden 896, 14 heads, 2 KV heads) with the full
+    151,936-token vocabulary, two PPO updates per batch, the k3 KL to a frozen reference. The KL starts at 0 (the
+    policy is the reference), and the update moves each conversation's log-prob the way of its advantage."""
+    cfg, _, tokenizer = tiny
+    torch.manual_seed(0)
+    policy = ms.qwen25_05b_shaped(layers=1)
+    assert (policy.config.vocab_size, policy.config.hidden_size) == (151_936, 896)
+    ref = copy.deepcopy(policy).requires_grad_(False).eval()
+    prompt = ms.render_prompt(tokenizer, "Where was Ilvo Marsk born?", "")
+    up = tokenizer("<search> Ilvo Marsk born </search>", add_special_tokens=False).input_ids
+    down = tokenizer("<answer> Tarvel </answer>", add_special_tokens=False).input_ids
+    rows = [{"ids": prompt + s, "mask": [0] * len(prompt) + [1] * len(s), "adv": a} for s, a in [(up, 1.0), (down, -1.0)]]
+    small = ms.Config(**{**ms.PRESETS["small"], "output_dir": cfg.output_dir})
+    assert small.updates_per_step == 2 and small.kl_coef > 0
+    kls = []
+    real_loss = ms.grpo_loss
+
+    def spy(*args):
+        loss, stats = real_loss(*args)
+        kls.append(stats["kl"])
+        return loss, stats
+
+    def logp(row):
+        ids, attention, mask, _ = ms.collate([row], tokenizer.pad_token_id, policy.device)
+        with torch.no_grad():
+            return (ms.token_logprobs(policy, ids, attention, mask, small.logprob_chunk) * mask).sum().item()
+
+    before = [logp(r) for r in rows]
+    monkeypatch.setattr(ms, "grpo_loss", spy)
+    stats = ms.train_on_rows(policy, ref, torch.optim.AdamW(policy.parameters(), lr=1e-4), rows, small,
+                             tokenizer.pad_token_id)
+    assert len(kls) == 2 and kls[0] == pytest.approx(0, abs=1e-6) and kls[1] > 0   # moved after the first update
+    assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    after = [logp(r) for r in rows]
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+# --------------------------------------------------------------------------------------------- rollout ---
+def char_ids(tokenizer, text):
+    """Token ids of `text`, one character at a time: decodes to `text` but is not how the tokenizer encodes it,
+    like a sampled sequence that the tokenizer would have merged differently."""
+    return [i for ch in text for i in tokenizer(ch, add_special_tokens=False).input_ids]
+
+
+def script(tokenizer, plays):
+    """A generate_fn that plays fixed outputs per question (in order: action, memory, action, ...), returning
+    each as character ids ended by EOS, so the rollout must keep sampled ids exactly as they come."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    calls = Counter()
+
+    def generate_fn(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperature=1.0):
+        outs = []
+        for context in contexts:
+            question = re.findall(r"<question> (.*?) </question>", tokenizer.decode(context))[-1]
+            text = plays[question][calls[question]]
+            calls[question] += 1
+            outs.append((char_ids(tokenizer, text) + [eos], text, True))
+        return outs
+    return generate_fn
+
+
+PLAYS = {"Where was Ilvo Marsk born?": ["<think> a </think><search> Ilvo Marsk </search>",
+                                        "<memory> Ilvo Marsk was born in Tarvel. </memory>",
+                                        "<answer> Tarvel </answer>"],
+         "In which country is Tarvel?": ["<search> Tarvel </search>", "<memory> Tarvel is a city. </memory>",
+                                         "<search> Tarvel country </search>", "<memory> Tarvel is in Osmaria. </memory>",
+                                         "<answer> Osmaria </answer>"]}
+
+
+def test_rollout_keeps_sampled_ids_and_masks_exactly(tiny, searcher):
+    """MemSearcher: per turn, a fresh conversation = prompt(question, memory) 0 | action 1 | passages 0 | memory 1.
+    ReAct: one conversation = prompt 0 | action 1 | passages 0 | action 1 | ... EOS is sampled, so trained."""
+    cfg, model, tokenizer = tiny
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    questions = [{"id": str(i), "question": q, "golden_answers": [plays[-1].split()[1]]}
+                 for i, (q, plays) in enumerate(PLAYS.items())]
+    assert char_ids(tokenizer, PLAYS[questions[0]["question"]][1]) != \
+        tokenizer(PLAYS[questions[0]["question"]][1], add_special_tokens=False).input_ids
+    info = lambda turn: tokenizer(ms.information_text(turn["hits"]), add_special_tokens=False).input_ids  # noqa: E731
+    out = lambda text: char_ids(tokenizer, text) + [eos]                                                 # noqa: E731
+    for workflow in ms.WORKFLOWS:
+        plays_of = PLAYS if workflow == "memsearcher" else {q: plays[0::2] for q, plays in PLAYS.items()}
+        trajs = ms.rollout(model, tokenizer, searcher, questions, cfg, max_turns=5, workflow=workflow,
+                           generate_fn=script(tokenizer, plays_of))
+        for q, t in zip(questions, trajs):
+            plays = plays_of[q["question"]]
+            assert (t["stop"], t["reward"]) == ("answered", 1.0)
+            if workflow == "memsearcher":
+                memory, actions, memories = "", plays[0::2], plays[1::2]
+                assert len(t["convs"]) == len(actions)
+                for i, (conv, turn) in enumerate(zip(t["convs"], t["turns"])):
+                    prompt = ms.render_prompt(tokenizer, q["question"], memory)     # the memory is carried over
+                    parts = [(prompt, 0), (out(actions[i]), 1)]
+                    if i < len(memories):
+                        parts += [(info(turn), 0), (out(memories[i]), 1)]
+                        memory = memories[i].split("<memory> ")[1].split(" </memory>")[0]
+                    assert conv["ids"] == [x for ids, _ in parts for x in ids]
+                    assert conv["mask"] == [m for ids, m in parts for _ in ids]
+            else:
+                prompt = ms.render_prompt(tokenizer, q["question"], None, "react")
+                parts = [(prompt, 0)]
+                for i, turn in enumerate(t["turns"]):
+                    parts += [(out(plays[i]), 1)] + ([(info(turn), 0)] if "hits" in turn else [])
+                assert [c["ids"] for c in t["convs"]] == [[x for ids, _ in parts for x in ids]]
+                assert [c["mask"] for c in t["convs"]] == [[m for ids, m in parts for _ in ids]]
+
+
+def test_batched_generate_returns_the_sampled_ids_of_each_context_alone(tiny):
+    """Left padding: a batch of contexts of different lengths gives each the ids it gets alone, and those are the
+    model's own output ids (never decoded and encoded again)."""
+    _, model, tokenizer = tiny
+    contexts = [ms.render_prompt(tokenizer, q, m) for q, m in [("Where was Ilvo Marsk born?", ""),
+                                                                ("Q?", "a much longer memory than the other one")]]
+    batched = ms.generate(model, tokenizer, contexts, [], 12, greedy=True)
+    for context, (ids, text, _) in zip(contexts, batched):
+        raw = model.generate(torch.tensor([context]), do_sample=False, max_new_tokens=12)[0, len(context):].tolist()
+        assert ids == raw and text == tokenizer.decode(raw, skip_special_tokens=True)
+
+
+def test_generate_keeps_the_eos_it_stopped_on(tiny):
+    """The EOS ends the sampled ids and is kept: a model that never trains its EOS never learns to stop."""
+    _, model, tokenizer = tiny
+    context = ms.render_prompt(tokenizer, "Where was Ilvo Marsk born?", "")
+    first = model(torch.tensor([context])).logits[0, -1].argmax().item()      # what greedy picks first
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [first]
+    try:
+        (ids, _, stopped), = ms.generate(model, tokenizer, [context], [], 12, greedy=True)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert (ids, stopped) == ([first], True)
+
+
+
+@pytest.mark.slow
 def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
     cfg, model, tokenizer, searcher = formatted
     sampled = []                                             # every id list generate() hands back
@@ -311,6 +580,7 @@ def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
         assert t["stop"] in ms.STOP_REASONS
 
 
+@pytest.mark.slow
 def test_rollout_counts_every_stop_reason(formatted):
     cfg, model, tokenizer, searcher = formatted
     questions = ms.load_questions(cfg.test_file[0])[:16]
@@ -383,6 +653,7 @@ def test_react_trains_with_the_same_grpo_code(tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-000002"
 
 
+@pytest.mark.slow
 def test_compare_command_writes_both_workflows(tmp_path):
     out = tmp_path / "cmp"
     result = run_cli("--tiny", "--compare", "--output-dir", str(out), "--pretrain-steps", "0", "--warm-steps", "0",
@@ -402,6 +673,7 @@ def test_compare_command_writes_both_workflows(tmp_path):
 
 # ------------------------------------------------------------------------------------------- learning ---
 
+@pytest.mark.slow
 def test_grpo_lifts_greedy_em_over_the_imitator(learned):
     """Multi-context GRPO must beat the imperfect imitator by 8 EM points on the 60 test questions.
 
@@ -422,6 +694,7 @@ def run_cli(*args):
                           cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
 
 
+@pytest.mark.slow
 def test_tiny_trains_saves_reloads_and_evaluates(tmp_path):
     out = tmp_path / "run"
     common = ["--tiny", "--output-dir", str(out), "--tiny-hidden", "64", "--tiny-layers", "2", "--group-size", "2",
@@ -470,10 +743,11 @@ def test_a_new_run_keeps_the_old_metrics_log(tmp_path):
     (["--corpus", "nope.jsonl"], "--corpus: no such file"),
     (["--tiny", "--small"], "not allowed with argument"),
 ])
-def test_bad_flags_name_the_flag(args, message):
-    result = run_cli(*args)
-    assert result.returncode != 0
-    assert message in result.stderr
+def test_bad_flags_name_the_flag(args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        ms.parse_args(args)
+    assert stop.value.code != 0
+    assert message in f"{stop.value.code}\n{capsys.readouterr().err}"
 
 
 @pytest.mark.parametrize("path, name", [
