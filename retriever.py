@@ -4,9 +4,10 @@ When the agent writes <search> query </search>, the environment calls a
 *searcher*: a function `searcher(queries, k)` that takes a list of query
 strings and returns, for each query, its k best passages as dicts
 {"id", "title", "text", "score"}. `format_hits` renders them the way
-Search-R1 shows them to the model, one passage per line:
+Search-R1 shows them to the model (its `_passages2string`), one passage per
+line, with no space before the parenthesis:
 
-    Doc 1 (Title: Paris) Paris is the capital of France.
+    Doc 1(Title: Paris) Paris is the capital of France.
 
 There are two searchers:
 
@@ -239,10 +240,12 @@ def reference_scores(docs: list[dict], queries: list[str]) -> list[np.ndarray]:
 
 def format_hits(hits: list[dict], show_scores: bool = False) -> str:
     """Search-R1's rendering of one query's hits, one line each (the score
-    in front only for humans: the model never sees it)."""
+    in front only for humans: the model never sees it). "Doc 1(Title:" has
+    no space, exactly as Search-R1 writes it, so a model trained there sees
+    the same tokens here. No hits give ""."""
     def score(h):
         return f"[{h['score']:.3f}] " if show_scores and h["score"] is not None else ""
-    return "\n".join(f"{score(h)}Doc {i} (Title: {h['title']}) {h['text']}"
+    return "\n".join(f"{score(h)}Doc {i}(Title: {h['title']}) {h['text']}"
                      for i, h in enumerate(hits, 1))
 
 

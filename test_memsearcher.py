@@ -827,5 +827,6 @@ def test_remote_malformed_answer(answer):
 def test_format_hits():
     hits = [{"id": "1", "title": "Paris", "text": "Capital of France.", "score": 3.5},
             {"id": "2", "title": "", "text": "Untitled.", "score": 1.0}]
-    assert r.format_hits(hits) == "Doc 1 (Title: Paris) Capital of France.\nDoc 2 (Title: ) Untitled."
-    assert r.format_hits(hits, show_scores=True).startswith("[3.500] Doc 1 (Title: Paris)")
+    assert r.format_hits(hits) == "Doc 1(Title: Paris) Capital of France.\nDoc 2(Title: ) Untitled."
+    assert r.format_hits(hits, show_scores=True).startswith("[3.500] Doc 1(Title: Paris)")
+    assert r.format_hits([]) == ""
