@@ -41,6 +41,7 @@ Run `python retriever.py "who wrote hamlet" -k 3` to query data/corpus.jsonl,
 """
 
 import argparse
+import codecs
 import http.client
 import itertools
 import json
@@ -93,12 +94,16 @@ def parse_corpus_line(raw: bytes, where: str) -> dict:
 
 def load_corpus(path) -> list[dict]:
     """Read a FlashRAG corpus JSONL into [{"id", "title", "text"}, ...].
-    Blank lines are skipped; any bad line raises ValueError("path:line: ...")."""
+    Blank lines are skipped, a UTF-8 byte-order mark at the start of the file
+    is ignored; any bad line raises ValueError("path:line: ...")."""
     try:
         with open(path, "rb") as f:  # bytes, so a bad encoding is reported per line
             raw_lines = f.read().split(b"\n")
     except FileNotFoundError:
         raise FileNotFoundError(f"corpus file not found: {path}") from None
+    # Windows editors often save "UTF-8" with a BOM; json.loads would call it
+    # invalid JSON. It can only be the file's first bytes, so only line 1.
+    raw_lines[0] = raw_lines[0].removeprefix(codecs.BOM_UTF8)
     docs, seen = [], {}
     for lineno, raw in enumerate(raw_lines, start=1):
         if not raw.strip():

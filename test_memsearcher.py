@@ -638,6 +638,16 @@ def test_bad_line_reports_file_and_line(tmp_path, bad_line, expected):
     assert expected in str(error.value)
 
 
+def test_byte_order_mark_on_the_first_line_is_ignored(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD + GOOD.replace(b'"a"', b'"b"'))
+    assert [doc["id"] for doc in r.load_corpus(path)] == ["a", "b"]
+    path.write_bytes(GOOD + b"\xef\xbb\xbf" + GOOD.replace(b'"a"', b'"b"'))  # only the file's start
+    with pytest.raises(ValueError) as error:
+        r.load_corpus(path)
+    assert str(error.value).startswith(f"{path}:3: invalid JSON")
+
+
 def test_empty_corpus_names_the_file(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n  \n")
