@@ -3,9 +3,11 @@
 When the agent writes <search> query </search>, the environment calls a
 *searcher*: a function `searcher(queries, k)` that takes a list of query
 strings and returns, for each query, its k best passages as dicts
-{"id", "title", "text", "score"}. `format_hits` renders them the way
-Search-R1 shows them to the model (its `_passages2string`), one passage per
-line, with no space before the parenthesis:
+{"id", "title", "text", "score"}; the local searcher returns only passages
+that share a word with the query, so fewer than k (none for a query of
+unknown words) if few do. `format_hits` renders them the way Search-R1
+shows them to the model (its `_passages2string`), one passage per line,
+with no space before the parenthesis:
 
     Doc 1(Title: Paris) Paris is the capital of France.
 
@@ -212,6 +214,19 @@ def bm25_scores(index: BM25Index, query: str) -> np.ndarray:
     return scores
 
 
+def matching_passages(index: BM25Index, query: str) -> np.ndarray:
+    """Ascending indices of the passages that contain at least one query
+    token: the only ones worth returning. Not the same as score != 0: a token
+    in exactly half the passages has idf 0, and where most tokens are that
+    common the epsilon floor is negative (see the module docstring)."""
+    matched = np.zeros(len(index.docs), dtype=bool)
+    for token in tokenize(query):
+        t = index.vocab.get(token)
+        if t is not None:
+            matched[index.post_docs[index.offsets[t]:index.offsets[t + 1]]] = True
+    return np.flatnonzero(matched)
+
+
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k best scores, by score descending, ties broken by the
     lower passage index. Always k results (if N >= k), even if some score 0."""
@@ -226,13 +241,17 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def search(index: BM25Index, queries: list[str], k: int) -> list[list[dict]]:
-    """For each query, its top-k hits {"id", "title", "text", "score"}."""
+    """For each query, its top-k hits {"id", "title", "text", "score"} among
+    the passages that share a word with it: fewer than k if fewer do, none
+    for a query of unknown words (rather than k arbitrary passages)."""
     if isinstance(queries, str):
         raise TypeError("queries must be a list of strings, not one string")
     results = []
     for query in queries:
         scores = bm25_scores(index, query)
-        results.append([{**index.docs[i], "score": float(scores[i])} for i in top_k(scores, k)])
+        candidates = matching_passages(index, query)  # ascending, so ties still go to lower indices
+        best = candidates[top_k(scores[candidates], k)]
+        results.append([{**index.docs[i], "score": float(scores[i])} for i in best])
     return results
 
 

@@ -706,9 +706,9 @@ def test_repeated_and_unknown_terms_like_rank_bm25(world):
     for query in [f"{rare} {rare} {rare}", f"{common} {common} qqqunknown {rare}", "qqqunknown zzz"]:
         np.testing.assert_array_equal(r.bm25_scores(index, query), bm25.get_scores(r.tokenize(query)))
     assert not r.bm25_scores(index, "qqqunknown zzz").any()
-    # No passage matches: still k hits, the k lowest indices, all scoring 0.
-    hits = r.search(index, ["qqqunknown"], 3)[0]
-    assert [(h["id"], h["score"]) for h in hits] == [("0", 0.0), ("1", 0.0), ("2", 0.0)]
+    # No passage shares a word with the query: no hits (not the first k passages of the file).
+    assert r.search(index, ["qqqunknown", f"qqqunknown {rare}"], 3) == \
+        [[], r.search(index, [rare], 3)[0]]
 
 
 def test_ties_go_to_lower_index_and_k_is_capped():
@@ -717,10 +717,23 @@ def test_ties_go_to_lower_index_and_k_is_capped():
                                       "eel", "eel", "ant", "ant", "fly", "fly"])]
     index = r.build_index(docs, show_progress=False)
     assert [h["id"] for h in r.search(index, ["cat"], 2)[0]] == ["d0", "d2"]
-    hits = r.search(index, ["bird dog"], 100)[0]  # bird is rarer than dog; the rest score 0
-    assert [h["id"] for h in hits] == [f"d{i}" for i in [3, 1, 5, 0, 2, 4, 6, 7, 8, 9, 10, 11]]
+    hits = r.search(index, ["bird dog"], 100)[0]  # bird is rarer than dog; the rest share no word
+    assert [h["id"] for h in hits] == ["d3", "d1", "d5"]
     with pytest.raises(TypeError):
         r.search(index, "cat", 1)
+
+
+def test_hits_are_the_passages_sharing_a_query_word_whatever_their_score():
+    # 4 passages: "a" is in half of them, so its idf is 0; "b" is in all, so its idf is
+    # negative and rank_bm25 floors it at epsilon * mean idf, negative here too.
+    docs = [{"id": str(i), "title": "", "text": text} for i, text in enumerate(["a b", "a b", "b", "b"])]
+    index = r.build_index(docs, show_progress=False)
+    bm25 = BM25Okapi([r.passage_tokens(doc) for doc in docs])
+    for query, ids in [("a", ["0", "1"]), ("b", ["0", "1", "2", "3"]), ("a zzz", ["0", "1"]), ("zzz", [])]:
+        hits = r.search(index, [query], 10)[0]
+        assert [h["id"] for h in hits] == ids
+        assert [h["score"] for h in hits] == [bm25.get_scores(r.tokenize(query))[int(i)] for i in ids]
+    assert r.search(index, ["a"], 10)[0][0]["score"] == 0.0 and r.search(index, ["b"], 10)[0][0]["score"] < 0
 
 
 def test_local_searcher(tmp_path):
