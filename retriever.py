@@ -17,6 +17,10 @@ There are two searchers:
 * `remote_searcher(url)`: a Search-R1 retrieval server (e.g. E5 dense
   retrieval over Wikipedia) spoken to over HTTP.
 
+Both cut a hit's text longer than `max_chars` (20,000 characters by default,
+far above real passages) so that one broken passage cannot flood the model's
+context; such a hit gets "truncated": True and the cut is reported on stderr.
+
 BM25 (the Okapi variant of the `rank_bm25` package) scores a passage d for a
 query q, both seen as lists of tokens, as
 
@@ -49,6 +53,7 @@ import itertools
 import json
 import math
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -119,6 +124,35 @@ def load_corpus(path) -> list[dict]:
     if not docs:
         raise ValueError(f"{path}: the corpus contains no passages")
     return docs
+
+
+# --------------------------------------------------------- passage cap ---
+
+# Far above any real passage (wiki-18's are ~100 words, ~600 characters, and
+# FlashRAG's corpora stay under 4 KB), so it only ever cuts a broken one, e.g.
+# a whole book on one line, which would otherwise fill the model's context.
+MAX_PASSAGE_CHARS = 20_000
+
+
+def passage_cutter(max_chars: int):
+    """Return cut(results) that shortens every hit's text to max_chars
+    characters and marks the hit "truncated": True. Each cut passage is
+    reported once on stderr: a silent cut would look like a retrieval bug."""
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be at least 1, got {max_chars}")
+    reported = set()
+
+    def cut_hit(hit: dict) -> dict:
+        if len(hit["text"]) <= max_chars:
+            return hit
+        if (hit["id"], hit["title"]) not in reported:  # with the title: server hits may lack ids
+            reported.add((hit["id"], hit["title"]))
+            print(f"retriever: passage {hit['id']!r} ({hit['title'][:60]!r}) cut from "
+                  f"{len(hit['text']):,} to {max_chars:,} characters (--max-passage-chars)",
+                  file=sys.stderr, flush=True)
+        return {**hit, "text": hit["text"][:max_chars], "truncated": True}
+
+    return lambda results: [[cut_hit(hit) for hit in hits] for hits in results]
 
 
 # ------------------------------------------------------------- tokenizer ---
@@ -273,10 +307,12 @@ def format_hits(hits: list[dict], show_scores: bool = False) -> str:
                      for i, h in enumerate(hits, 1))
 
 
-def local_searcher(corpus_path, show_progress: bool = True):
-    """Load a corpus, index it, and return searcher(queries, k)."""
+def local_searcher(corpus_path, show_progress: bool = True, *, max_chars: int = MAX_PASSAGE_CHARS):
+    """Load a corpus, index it, and return searcher(queries, k). Texts are
+    cut to max_chars in the hits only: BM25 still scores the whole passage."""
+    cut = passage_cutter(max_chars)
     index = build_index(load_corpus(corpus_path), show_progress)
-    return lambda queries, k: search(index, queries, k)
+    return lambda queries, k: cut(search(index, queries, k))
 
 
 # -------------------------------------------------------- remote server ---
@@ -330,10 +366,13 @@ def parse_server_hit(item, url: str) -> dict:
             "score": None if score is None else float(score)}
 
 
-def remote_searcher(url: str, timeout: float = 30, retries: int = 3, backoff: float = 1.0):
+def remote_searcher(url: str, timeout: float = 30, retries: int = 3, backoff: float = 1.0, *,
+                    max_chars: int = MAX_PASSAGE_CHARS):
     """Return searcher(queries, k) that asks a Search-R1 retrieval server
     (`url` is the full endpoint, e.g. http://host:8000/retrieve). All queries
-    of one call travel in one request."""
+    of one call travel in one request; texts are cut to max_chars."""
+    cut = passage_cutter(max_chars)
+
     def searcher(queries: list[str], k: int) -> list[list[dict]]:
         if isinstance(queries, str):
             raise TypeError("queries must be a list of strings, not one string")
@@ -344,7 +383,7 @@ def remote_searcher(url: str, timeout: float = 30, retries: int = 3, backoff: fl
                 or not all(isinstance(hits, list) for hits in result):
             raise RetrievalError(f"retrieval server {url}: expected {{'result': [one list of hits per "
                                  f"query]}} with {len(queries)} lists, got {str(answer)[:300]!r}")
-        return [[parse_server_hit(item, url) for item in hits] for hits in result]
+        return cut([[parse_server_hit(item, url) for item in hits] for hits in result])
     return searcher
 
 
@@ -429,6 +468,8 @@ def main() -> None:
                         help="FlashRAG corpus JSONL")
     parser.add_argument("--url", help="query a Search-R1 server (e.g. http://host:8000/retrieve)")
     parser.add_argument("-k", type=int, default=3, help="hits per query")
+    parser.add_argument("--max-passage-chars", type=int, default=MAX_PASSAGE_CHARS,
+                        help="cut longer passage texts to this many characters (and say so)")
     parser.add_argument("--check", action="store_true", help="compare scores with rank_bm25")
     parser.add_argument("--benchmark", type=int, nargs="+", metavar="N",
                         help="time build and queries on synthetic corpora of N passages")
@@ -438,13 +479,13 @@ def main() -> None:
     if args.benchmark:
         return benchmark(args.benchmark)
     if args.url:
-        results = remote_searcher(args.url)(args.queries, args.k)
+        results = remote_searcher(args.url, max_chars=args.max_passage_chars)(args.queries, args.k)
     else:
         index = build_index(load_corpus(args.corpus))
         if args.check:
             sample = [f"{d['title']} {d['text']}"[:60] for d in index.docs[:5]]
             return check(index, args.queries or sample, args.k)
-        results = search(index, args.queries, args.k)
+        results = passage_cutter(args.max_passage_chars)(search(index, args.queries, args.k))
     for query, hits in zip(args.queries, results):
         print(f"\n== {query}\n{format_hits(hits, show_scores=True)}")
 

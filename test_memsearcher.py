@@ -745,6 +745,25 @@ def test_local_searcher(tmp_path):
         [["Paris"], ["Rome"]]
 
 
+def test_local_searcher_cuts_a_huge_passage_and_says_so_once(tmp_path, capsys):
+    path = tmp_path / "corpus.jsonl"
+    huge = "capital " + "x" * 5_000_000
+    path.write_text(json.dumps({"id": "big", "contents": "Huge\n" + huge}) + "\n"
+                    + json.dumps({"id": "small", "contents": "Paris\nParis is the capital."}))
+    searcher = r.local_searcher(path, show_progress=False)
+    for _ in range(2):  # reported on the first search only
+        hits = {h["id"]: h for h in searcher(["capital"], 2)[0]}
+    assert hits["big"]["text"] == huge[:r.MAX_PASSAGE_CHARS] and hits["big"]["truncated"] is True
+    assert "truncated" not in hits["small"] and hits["small"]["text"] == "Paris is the capital."
+    # BM25 still scores the whole passage
+    full = r.search(r.build_index(r.load_corpus(path), show_progress=False), ["capital"], 2)[0]
+    assert [hits[h["id"]]["score"] for h in full] == [h["score"] for h in full]
+    assert capsys.readouterr().err == \
+        "retriever: passage 'big' ('Huge') cut from 5,000,008 to 20,000 characters (--max-passage-chars)\n"
+    with pytest.raises(ValueError, match="max_chars"):
+        r.local_searcher(path, max_chars=0)
+
+
 # ---------------------------------------------------------- remote server ---
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -798,6 +817,18 @@ def test_remote_answer_without_scores_or_ids():
     answer = {"result": [[{"contents": "T\nx"}]]}
     with serve(lambda req, n: (200, answer, 0)) as (url, _):
         assert r.remote_searcher(url)(["q"], 1) == [[{"id": None, "title": "T", "text": "x", "score": None}]]
+
+
+def test_remote_cuts_long_passages_and_says_so(capsys):
+    answer = {"result": [[{"document": {"id": 1, "contents": "T\n" + "y" * 50}, "score": 2.0},
+                          {"contents": "U\n" + "z" * 50}]]}  # no id: reported by title
+    with serve(lambda req, n: (200, answer, 0)) as (url, _):
+        hits = r.remote_searcher(url, max_chars=10)(["q"], 2)[0]
+    assert hits == [{"id": "1", "title": "T", "text": "y" * 10, "score": 2.0, "truncated": True},
+                    {"id": None, "title": "U", "text": "z" * 10, "score": None, "truncated": True}]
+    assert capsys.readouterr().err.splitlines() == [
+        "retriever: passage '1' ('T') cut from 50 to 10 characters (--max-passage-chars)",
+        "retriever: passage None ('U') cut from 50 to 10 characters (--max-passage-chars)"]
 
 
 def test_remote_retries_5xx_then_succeeds():
