@@ -323,13 +323,17 @@ class RetrievalError(RuntimeError):
 
 def post_json(url: str, payload: dict, timeout: float, retries: int, backoff: float):
     """POST JSON and return the decoded answer. Timeouts, connection errors
-    and HTTP 5xx are retried after backoff, 2*backoff, 4*backoff... seconds;
-    HTTP 4xx (our request is wrong) fails at once."""
+    and HTTP 5xx are retried after backoff, 2*backoff, 4*backoff... seconds,
+    each retry announced on stderr (else a hung server means minutes of
+    silence); HTTP 4xx (our request is wrong) fails at once."""
     request = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
     for attempt in range(max(retries, 0) + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
+        if attempt:  # `problem` is the previous attempt's
+            delay = backoff * 2 ** (attempt - 1)
+            print(f"retrieval server {url}: {problem}; retry {attempt} of {retries} in {delay:g} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(delay)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 body = response.read().decode("utf-8", errors="replace")

@@ -839,6 +839,16 @@ def test_remote_retries_5xx_then_succeeds():
     assert len(server.requests) == 3 and results[0][0]["id"] == "a-0"
 
 
+def test_remote_announces_each_retry_on_stderr(capsys):
+    def plan(req, n):
+        return (503, b"busy", 0) if n == 1 else (200, search_r1_answer(req), 1.5 if n == 2 else 0)
+    with serve(plan) as (url, _):
+        r.remote_searcher(url, timeout=0.5, retries=3, backoff=0.001)(["a"], 1)
+    assert capsys.readouterr().err.splitlines() == [
+        f"retrieval server {url}: HTTP 503, body: 'busy'; retry 1 of 3 in 0.001 s",
+        f"retrieval server {url}: timeout (no answer within 0.5 s); retry 2 of 3 in 0.002 s"]
+
+
 def test_remote_gives_up_with_url_status_and_body():
     with serve(lambda req, n: (500, b"index exploded on shard 3", 0)) as (url, server), \
             pytest.raises(RuntimeError) as error:
