@@ -42,8 +42,9 @@ passages that share a word with it. The arithmetic is the same, operation by
 operation, so the scores are bitwise equal to rank_bm25's; `reference_scores`
 keeps rank_bm25 around to check that (`python retriever.py --check`).
 
-Run `python retriever.py "who wrote hamlet" -k 3` to query data/corpus.jsonl,
-`python retriever.py --benchmark 10000 100000` to time it on synthetic data.
+Run `python retriever.py "where was Treikar Komers born" -k 3` to query
+data/corpus.jsonl, `python retriever.py --benchmark 10000 100000` to time it
+on synthetic data.
 """
 
 import argparse
