@@ -466,27 +466,45 @@ def check(index: BM25Index, queries: list[str], k: int) -> None:
               f"bitwise equal {np.array_equal(fast, ref)}, same top-{k} {same_top}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def positive_int(text: str) -> int:
+    """argparse type for -k and --max-passage-chars (-k 0 would print no hits)."""
+    value = int(text)  # a ValueError makes argparse say "invalid positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line; argv defaults to sys.argv[1:]. Bad input (flags, a
+    missing or broken corpus, a failing server) ends it with one line on
+    stderr, not a traceback."""
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n")[0])
     parser.add_argument("queries", nargs="*", help="queries to search for")
     parser.add_argument("--corpus", default=str(Path(__file__).parent / "data" / "corpus.jsonl"),
                         help="FlashRAG corpus JSONL")
     parser.add_argument("--url", help="query a Search-R1 server (e.g. http://host:8000/retrieve)")
-    parser.add_argument("-k", type=int, default=3, help="hits per query")
-    parser.add_argument("--max-passage-chars", type=int, default=MAX_PASSAGE_CHARS,
+    parser.add_argument("-k", type=positive_int, default=3, help="hits per query")
+    parser.add_argument("--max-passage-chars", type=positive_int, default=MAX_PASSAGE_CHARS,
                         help="cut longer passage texts to this many characters (and say so)")
     parser.add_argument("--check", action="store_true", help="compare scores with rank_bm25")
     parser.add_argument("--benchmark", type=int, nargs="+", metavar="N",
                         help="time build and queries on synthetic corpora of N passages")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not (args.queries or args.check or args.benchmark):
         parser.error("give at least one query, --check or --benchmark")
     if args.benchmark:
         return benchmark(args.benchmark)
     if args.url:
-        results = remote_searcher(args.url, max_chars=args.max_passage_chars)(args.queries, args.k)
+        try:
+            results = remote_searcher(args.url, max_chars=args.max_passage_chars)(args.queries, args.k)
+        except RetrievalError as e:
+            parser.exit(1, f"{parser.prog}: {e}\n")
     else:
-        index = build_index(load_corpus(args.corpus))
+        try:
+            docs = load_corpus(args.corpus)
+        except (OSError, ValueError) as e:  # missing file, bad line "path:line: ..."
+            parser.exit(1, f"{parser.prog}: {e} (--corpus)\n")
+        index = build_index(docs)
         if args.check:
             sample = [f"{d['title']} {d['text']}"[:60] for d in index.docs[:5]]
             return check(index, args.queries or sample, args.k)

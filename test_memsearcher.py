@@ -894,3 +894,47 @@ def test_format_hits():
     assert r.format_hits(hits) == "Doc 1(Title: Paris) Capital of France.\nDoc 2(Title: ) Untitled."
     assert r.format_hits(hits, show_scores=True).startswith("[3.500] Doc 1(Title: Paris)")
     assert r.format_hits([]) == ""
+
+
+# ------------------------------------------------------------ command line ---
+
+def test_command_line_answers_a_query(tmp_path, capsys):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"id": i, "contents": c}) for i, c in enumerate(
+        ["Paris\nParis is the capital of France.", "Rome\nRome is in Italy.", "Oslo\nOslo is cold."])))
+    r.main(["--corpus", str(path), "-k", "2", "capital of France"])  # only Paris shares a word
+    [hit] = r.local_searcher(path, show_progress=False)(["capital of France"], 2)[0]
+    assert capsys.readouterr().out == \
+        f"\n== capital of France\n[{hit['score']:.3f}] Doc 1(Title: Paris) Paris is the capital of France.\n"
+
+
+def test_command_line_corpus_errors_are_one_line_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(GOOD + b"{not json\n")
+    for path, message in [(tmp_path / "nope.jsonl", "corpus file not found: "), (bad, "")]:
+        with pytest.raises(SystemExit) as error:
+            r.main(["--corpus", str(path), "a query"])
+        assert error.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"retriever.py: {message}{path}") and err.endswith(" (--corpus)\n")
+        assert err.count("\n") == 1
+    assert f"{bad}:3: invalid JSON" in err
+
+
+def test_command_line_server_error_is_one_line_without_traceback(capsys):
+    with serve(lambda req, n: (400, b"no such index", 0)) as (url, _), pytest.raises(SystemExit) as error:
+        r.main(["--url", url, "a query"])
+    assert error.value.code == 1
+    assert capsys.readouterr().err == \
+        f"retriever.py: retrieval server {url} rejected the request: HTTP 400, body: 'no such index'\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-k", "0", "q"], "argument -k: must be at least 1, got 0"),
+    (["-k", "-3", "q"], "argument -k: must be at least 1, got -3"),
+    (["--max-passage-chars", "0", "q"], "argument --max-passage-chars: must be at least 1"),
+])
+def test_command_line_refuses_counts_below_1(argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        r.main(argv)
+    assert error.value.code == 2 and message in capsys.readouterr().err
