@@ -3,16 +3,23 @@
 When the agent writes <search> query </search>, the environment calls a
 *searcher*: a function `searcher(queries, k)` that takes a list of query
 strings and returns, for each query, its k best passages as dicts
-{"id", "title", "text", "score"}. `format_hits` renders them the way
-Search-R1 shows them to the model, one passage per line:
+{"id", "title", "text", "score"}; the local searcher returns only passages
+that share a word with the query, so fewer than k (none for a query of
+unknown words) if few do. `format_hits` renders them the way Search-R1
+shows them to the model (its `_passages2string`), one passage per line,
+with no space before the parenthesis:
 
-    Doc 1 (Title: Paris) Paris is the capital of France.
+    Doc 1(Title: Paris) Paris is the capital of France.
 
 There are two searchers:
 
 * `local_searcher(corpus_path)`: BM25 over a FlashRAG corpus file, in process.
 * `remote_searcher(url)`: a Search-R1 retrieval server (e.g. E5 dense
   retrieval over Wikipedia) spoken to over HTTP.
+
+Both cut a hit's text longer than `max_chars` (20,000 characters by default,
+far above real passages) so that one broken passage cannot flood the model's
+context; such a hit gets "truncated": True and the cut is reported on stderr.
 
 BM25 (the Okapi variant of the `rank_bm25` package) scores a passage d for a
 query q, both seen as lists of tokens, as
@@ -35,16 +42,19 @@ passages that share a word with it. The arithmetic is the same, operation by
 operation, so the scores are bitwise equal to rank_bm25's; `reference_scores`
 keeps rank_bm25 around to check that (`python retriever.py --check`).
 
-Run `python retriever.py "who wrote hamlet" -k 3` to query data/corpus.jsonl,
-`python retriever.py --benchmark 10000 100000` to time it on synthetic data.
+Run `python retriever.py "where was Treikar Komers born" -k 3` to query
+data/corpus.jsonl, `python retriever.py --benchmark 10000 100000` to time it
+on synthetic data.
 """
 
 import argparse
+import codecs
 import http.client
 import itertools
 import json
 import math
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -92,12 +102,16 @@ def parse_corpus_line(raw: bytes, where: str) -> dict:
 
 def load_corpus(path) -> list[dict]:
     """Read a FlashRAG corpus JSONL into [{"id", "title", "text"}, ...].
-    Blank lines are skipped; any bad line raises ValueError("path:line: ...")."""
+    Blank lines are skipped, a UTF-8 byte-order mark at the start of the file
+    is ignored; any bad line raises ValueError("path:line: ...")."""
     try:
         with open(path, "rb") as f:  # bytes, so a bad encoding is reported per line
             raw_lines = f.read().split(b"\n")
     except FileNotFoundError:
         raise FileNotFoundError(f"corpus file not found: {path}") from None
+    # Windows editors often save "UTF-8" with a BOM; json.loads would call it
+    # invalid JSON. It can only be the file's first bytes, so only line 1.
+    raw_lines[0] = raw_lines[0].removeprefix(codecs.BOM_UTF8)
     docs, seen = [], {}
     for lineno, raw in enumerate(raw_lines, start=1):
         if not raw.strip():
@@ -111,6 +125,35 @@ def load_corpus(path) -> list[dict]:
     if not docs:
         raise ValueError(f"{path}: the corpus contains no passages")
     return docs
+
+
+# --------------------------------------------------------- passage cap ---
+
+# Far above any real passage (wiki-18's are ~100 words, ~600 characters, and
+# FlashRAG's corpora stay under 4 KB), so it only ever cuts a broken one, e.g.
+# a whole book on one line, which would otherwise fill the model's context.
+MAX_PASSAGE_CHARS = 20_000
+
+
+def passage_cutter(max_chars: int):
+    """Return cut(results) that shortens every hit's text to max_chars
+    characters and marks the hit "truncated": True. Each cut passage is
+    reported once on stderr: a silent cut would look like a retrieval bug."""
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be at least 1, got {max_chars}")
+    reported = set()
+
+    def cut_hit(hit: dict) -> dict:
+        if len(hit["text"]) <= max_chars:
+            return hit
+        if (hit["id"], hit["title"]) not in reported:  # with the title: server hits may lack ids
+            reported.add((hit["id"], hit["title"]))
+            print(f"retriever: passage {hit['id']!r} ({hit['title'][:60]!r}) cut from "
+                  f"{len(hit['text']):,} to {max_chars:,} characters (--max-passage-chars)",
+                  file=sys.stderr, flush=True)
+        return {**hit, "text": hit["text"][:max_chars], "truncated": True}
+
+    return lambda results: [[cut_hit(hit) for hit in hits] for hits in results]
 
 
 # ------------------------------------------------------------- tokenizer ---
@@ -206,6 +249,19 @@ def bm25_scores(index: BM25Index, query: str) -> np.ndarray:
     return scores
 
 
+def matching_passages(index: BM25Index, query: str) -> np.ndarray:
+    """Ascending indices of the passages that contain at least one query
+    token: the only ones worth returning. Not the same as score != 0: a token
+    in exactly half the passages has idf 0, and where most tokens are that
+    common the epsilon floor is negative (see the module docstring)."""
+    matched = np.zeros(len(index.docs), dtype=bool)
+    for token in tokenize(query):
+        t = index.vocab.get(token)
+        if t is not None:
+            matched[index.post_docs[index.offsets[t]:index.offsets[t + 1]]] = True
+    return np.flatnonzero(matched)
+
+
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k best scores, by score descending, ties broken by the
     lower passage index. Always k results (if N >= k), even if some score 0."""
@@ -220,13 +276,17 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def search(index: BM25Index, queries: list[str], k: int) -> list[list[dict]]:
-    """For each query, its top-k hits {"id", "title", "text", "score"}."""
+    """For each query, its top-k hits {"id", "title", "text", "score"} among
+    the passages that share a word with it: fewer than k if fewer do, none
+    for a query of unknown words (rather than k arbitrary passages)."""
     if isinstance(queries, str):
         raise TypeError("queries must be a list of strings, not one string")
     results = []
     for query in queries:
         scores = bm25_scores(index, query)
-        results.append([{**index.docs[i], "score": float(scores[i])} for i in top_k(scores, k)])
+        candidates = matching_passages(index, query)  # ascending, so ties still go to lower indices
+        best = candidates[top_k(scores[candidates], k)]
+        results.append([{**index.docs[i], "score": float(scores[i])} for i in best])
     return results
 
 
@@ -239,17 +299,21 @@ def reference_scores(docs: list[dict], queries: list[str]) -> list[np.ndarray]:
 
 def format_hits(hits: list[dict], show_scores: bool = False) -> str:
     """Search-R1's rendering of one query's hits, one line each (the score
-    in front only for humans: the model never sees it)."""
+    in front only for humans: the model never sees it). "Doc 1(Title:" has
+    no space, exactly as Search-R1 writes it, so a model trained there sees
+    the same tokens here. No hits give ""."""
     def score(h):
         return f"[{h['score']:.3f}] " if show_scores and h["score"] is not None else ""
-    return "\n".join(f"{score(h)}Doc {i} (Title: {h['title']}) {h['text']}"
+    return "\n".join(f"{score(h)}Doc {i}(Title: {h['title']}) {h['text']}"
                      for i, h in enumerate(hits, 1))
 
 
-def local_searcher(corpus_path, show_progress: bool = True):
-    """Load a corpus, index it, and return searcher(queries, k)."""
+def local_searcher(corpus_path, show_progress: bool = True, *, max_chars: int = MAX_PASSAGE_CHARS):
+    """Load a corpus, index it, and return searcher(queries, k). Texts are
+    cut to max_chars in the hits only: BM25 still scores the whole passage."""
+    cut = passage_cutter(max_chars)
     index = build_index(load_corpus(corpus_path), show_progress)
-    return lambda queries, k: search(index, queries, k)
+    return lambda queries, k: cut(search(index, queries, k))
 
 
 # -------------------------------------------------------- remote server ---
@@ -260,13 +324,17 @@ class RetrievalError(RuntimeError):
 
 def post_json(url: str, payload: dict, timeout: float, retries: int, backoff: float):
     """POST JSON and return the decoded answer. Timeouts, connection errors
-    and HTTP 5xx are retried after backoff, 2*backoff, 4*backoff... seconds;
-    HTTP 4xx (our request is wrong) fails at once."""
+    and HTTP 5xx are retried after backoff, 2*backoff, 4*backoff... seconds,
+    each retry announced on stderr (else a hung server means minutes of
+    silence); HTTP 4xx (our request is wrong) fails at once."""
     request = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
     for attempt in range(max(retries, 0) + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
+        if attempt:  # `problem` is the previous attempt's
+            delay = backoff * 2 ** (attempt - 1)
+            print(f"retrieval server {url}: {problem}; retry {attempt} of {retries} in {delay:g} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(delay)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 body = response.read().decode("utf-8", errors="replace")
@@ -303,10 +371,13 @@ def parse_server_hit(item, url: str) -> dict:
             "score": None if score is None else float(score)}
 
 
-def remote_searcher(url: str, timeout: float = 30, retries: int = 3, backoff: float = 1.0):
+def remote_searcher(url: str, timeout: float = 30, retries: int = 3, backoff: float = 1.0, *,
+                    max_chars: int = MAX_PASSAGE_CHARS):
     """Return searcher(queries, k) that asks a Search-R1 retrieval server
     (`url` is the full endpoint, e.g. http://host:8000/retrieve). All queries
-    of one call travel in one request."""
+    of one call travel in one request; texts are cut to max_chars."""
+    cut = passage_cutter(max_chars)
+
     def searcher(queries: list[str], k: int) -> list[list[dict]]:
         if isinstance(queries, str):
             raise TypeError("queries must be a list of strings, not one string")
@@ -317,7 +388,7 @@ def remote_searcher(url: str, timeout: float = 30, retries: int = 3, backoff: fl
                 or not all(isinstance(hits, list) for hits in result):
             raise RetrievalError(f"retrieval server {url}: expected {{'result': [one list of hits per "
                                  f"query]}} with {len(queries)} lists, got {str(answer)[:300]!r}")
-        return [[parse_server_hit(item, url) for item in hits] for hits in result]
+        return cut([[parse_server_hit(item, url) for item in hits] for hits in result])
     return searcher
 
 
@@ -395,29 +466,49 @@ def check(index: BM25Index, queries: list[str], k: int) -> None:
               f"bitwise equal {np.array_equal(fast, ref)}, same top-{k} {same_top}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def positive_int(text: str) -> int:
+    """argparse type for -k and --max-passage-chars (-k 0 would print no hits)."""
+    value = int(text)  # a ValueError makes argparse say "invalid positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line; argv defaults to sys.argv[1:]. Bad input (flags, a
+    missing or broken corpus, a failing server) ends it with one line on
+    stderr, not a traceback."""
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n")[0])
     parser.add_argument("queries", nargs="*", help="queries to search for")
     parser.add_argument("--corpus", default=str(Path(__file__).parent / "data" / "corpus.jsonl"),
                         help="FlashRAG corpus JSONL")
     parser.add_argument("--url", help="query a Search-R1 server (e.g. http://host:8000/retrieve)")
-    parser.add_argument("-k", type=int, default=3, help="hits per query")
+    parser.add_argument("-k", type=positive_int, default=3, help="hits per query")
+    parser.add_argument("--max-passage-chars", type=positive_int, default=MAX_PASSAGE_CHARS,
+                        help="cut longer passage texts to this many characters (and say so)")
     parser.add_argument("--check", action="store_true", help="compare scores with rank_bm25")
     parser.add_argument("--benchmark", type=int, nargs="+", metavar="N",
                         help="time build and queries on synthetic corpora of N passages")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not (args.queries or args.check or args.benchmark):
         parser.error("give at least one query, --check or --benchmark")
     if args.benchmark:
         return benchmark(args.benchmark)
     if args.url:
-        results = remote_searcher(args.url)(args.queries, args.k)
+        try:
+            results = remote_searcher(args.url, max_chars=args.max_passage_chars)(args.queries, args.k)
+        except RetrievalError as e:
+            parser.exit(1, f"{parser.prog}: {e}\n")
     else:
-        index = build_index(load_corpus(args.corpus))
+        try:
+            docs = load_corpus(args.corpus)
+        except (OSError, ValueError) as e:  # missing file, bad line "path:line: ..."
+            parser.exit(1, f"{parser.prog}: {e} (--corpus)\n")
+        index = build_index(docs)
         if args.check:
             sample = [f"{d['title']} {d['text']}"[:60] for d in index.docs[:5]]
             return check(index, args.queries or sample, args.k)
-        results = search(index, args.queries, args.k)
+        results = passage_cutter(args.max_passage_chars)(search(index, args.queries, args.k))
     for query, hits in zip(args.queries, results):
         print(f"\n== {query}\n{format_hits(hits, show_scores=True)}")
 

@@ -912,6 +912,16 @@ def test_bad_line_reports_file_and_line(tmp_path, bad_line, expected):
     assert expected in str(error.value)
 
 
+def test_byte_order_mark_on_the_first_line_is_ignored(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD + GOOD.replace(b'"a"', b'"b"'))
+    assert [doc["id"] for doc in r.load_corpus(path)] == ["a", "b"]
+    path.write_bytes(GOOD + b"\xef\xbb\xbf" + GOOD.replace(b'"a"', b'"b"'))  # only the file's start
+    with pytest.raises(ValueError) as error:
+        r.load_corpus(path)
+    assert str(error.value).startswith(f"{path}:3: invalid JSON")
+
+
 def test_empty_corpus_names_the_file(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n  \n")
@@ -970,9 +980,9 @@ def test_repeated_and_unknown_terms_like_rank_bm25(world):
     for query in [f"{rare} {rare} {rare}", f"{common} {common} qqqunknown {rare}", "qqqunknown zzz"]:
         np.testing.assert_array_equal(r.bm25_scores(index, query), bm25.get_scores(r.tokenize(query)))
     assert not r.bm25_scores(index, "qqqunknown zzz").any()
-    # No passage matches: still k hits, the k lowest indices, all scoring 0.
-    hits = r.search(index, ["qqqunknown"], 3)[0]
-    assert [(h["id"], h["score"]) for h in hits] == [("0", 0.0), ("1", 0.0), ("2", 0.0)]
+    # No passage shares a word with the query: no hits (not the first k passages of the file).
+    assert r.search(index, ["qqqunknown", f"qqqunknown {rare}"], 3) == \
+        [[], r.search(index, [rare], 3)[0]]
 
 
 def test_ties_go_to_lower_index_and_k_is_capped():
@@ -981,10 +991,23 @@ def test_ties_go_to_lower_index_and_k_is_capped():
                                       "eel", "eel", "ant", "ant", "fly", "fly"])]
     index = r.build_index(docs, show_progress=False)
     assert [h["id"] for h in r.search(index, ["cat"], 2)[0]] == ["d0", "d2"]
-    hits = r.search(index, ["bird dog"], 100)[0]  # bird is rarer than dog; the rest score 0
-    assert [h["id"] for h in hits] == [f"d{i}" for i in [3, 1, 5, 0, 2, 4, 6, 7, 8, 9, 10, 11]]
+    hits = r.search(index, ["bird dog"], 100)[0]  # bird is rarer than dog; the rest share no word
+    assert [h["id"] for h in hits] == ["d3", "d1", "d5"]
     with pytest.raises(TypeError):
         r.search(index, "cat", 1)
+
+
+def test_hits_are_the_passages_sharing_a_query_word_whatever_their_score():
+    # 4 passages: "a" is in half of them, so its idf is 0; "b" is in all, so its idf is
+    # negative and rank_bm25 floors it at epsilon * mean idf, negative here too.
+    docs = [{"id": str(i), "title": "", "text": text} for i, text in enumerate(["a b", "a b", "b", "b"])]
+    index = r.build_index(docs, show_progress=False)
+    bm25 = BM25Okapi([r.passage_tokens(doc) for doc in docs])
+    for query, ids in [("a", ["0", "1"]), ("b", ["0", "1", "2", "3"]), ("a zzz", ["0", "1"]), ("zzz", [])]:
+        hits = r.search(index, [query], 10)[0]
+        assert [h["id"] for h in hits] == ids
+        assert [h["score"] for h in hits] == [bm25.get_scores(r.tokenize(query))[int(i)] for i in ids]
+    assert r.search(index, ["a"], 10)[0][0]["score"] == 0.0 and r.search(index, ["b"], 10)[0][0]["score"] < 0
 
 
 def test_local_searcher(tmp_path):
@@ -994,6 +1017,25 @@ def test_local_searcher(tmp_path):
     searcher = r.local_searcher(path, show_progress=False)
     assert [[h["title"] for h in hits] for hits in searcher(["capital of France", "italy"], 1)] == \
         [["Paris"], ["Rome"]]
+
+
+def test_local_searcher_cuts_a_huge_passage_and_says_so_once(tmp_path, capsys):
+    path = tmp_path / "corpus.jsonl"
+    huge = "capital " + "x" * 5_000_000
+    path.write_text(json.dumps({"id": "big", "contents": "Huge\n" + huge}) + "\n"
+                    + json.dumps({"id": "small", "contents": "Paris\nParis is the capital."}))
+    searcher = r.local_searcher(path, show_progress=False)
+    for _ in range(2):  # reported on the first search only
+        hits = {h["id"]: h for h in searcher(["capital"], 2)[0]}
+    assert hits["big"]["text"] == huge[:r.MAX_PASSAGE_CHARS] and hits["big"]["truncated"] is True
+    assert "truncated" not in hits["small"] and hits["small"]["text"] == "Paris is the capital."
+    # BM25 still scores the whole passage
+    full = r.search(r.build_index(r.load_corpus(path), show_progress=False), ["capital"], 2)[0]
+    assert [hits[h["id"]]["score"] for h in full] == [h["score"] for h in full]
+    assert capsys.readouterr().err == \
+        "retriever: passage 'big' ('Huge') cut from 5,000,008 to 20,000 characters (--max-passage-chars)\n"
+    with pytest.raises(ValueError, match="max_chars"):
+        r.local_searcher(path, max_chars=0)
 
 
 # ---------------------------------------------------------- remote server ---
@@ -1051,12 +1093,34 @@ def test_remote_answer_without_scores_or_ids():
         assert r.remote_searcher(url)(["q"], 1) == [[{"id": None, "title": "T", "text": "x", "score": None}]]
 
 
+def test_remote_cuts_long_passages_and_says_so(capsys):
+    answer = {"result": [[{"document": {"id": 1, "contents": "T\n" + "y" * 50}, "score": 2.0},
+                          {"contents": "U\n" + "z" * 50}]]}  # no id: reported by title
+    with serve(lambda req, n: (200, answer, 0)) as (url, _):
+        hits = r.remote_searcher(url, max_chars=10)(["q"], 2)[0]
+    assert hits == [{"id": "1", "title": "T", "text": "y" * 10, "score": 2.0, "truncated": True},
+                    {"id": None, "title": "U", "text": "z" * 10, "score": None, "truncated": True}]
+    assert capsys.readouterr().err.splitlines() == [
+        "retriever: passage '1' ('T') cut from 50 to 10 characters (--max-passage-chars)",
+        "retriever: passage None ('U') cut from 50 to 10 characters (--max-passage-chars)"]
+
+
 def test_remote_retries_5xx_then_succeeds():
     def plan(req, n):
         return (500, b"busy", 0) if n <= 2 else (200, search_r1_answer(req), 0)
     with serve(plan) as (url, server):
         results = r.remote_searcher(url, retries=3, backoff=0.001)(["a"], 1)
     assert len(server.requests) == 3 and results[0][0]["id"] == "a-0"
+
+
+def test_remote_announces_each_retry_on_stderr(capsys):
+    def plan(req, n):
+        return (503, b"busy", 0) if n == 1 else (200, search_r1_answer(req), 1.5 if n == 2 else 0)
+    with serve(plan) as (url, _):
+        r.remote_searcher(url, timeout=0.5, retries=3, backoff=0.001)(["a"], 1)
+    assert capsys.readouterr().err.splitlines() == [
+        f"retrieval server {url}: HTTP 503, body: 'busy'; retry 1 of 3 in 0.001 s",
+        f"retrieval server {url}: timeout (no answer within 0.5 s); retry 2 of 3 in 0.002 s"]
 
 
 def test_remote_gives_up_with_url_status_and_body():
@@ -1101,5 +1165,50 @@ def test_remote_malformed_answer(answer):
 def test_format_hits():
     hits = [{"id": "1", "title": "Paris", "text": "Capital of France.", "score": 3.5},
             {"id": "2", "title": "", "text": "Untitled.", "score": 1.0}]
-    assert r.format_hits(hits) == "Doc 1 (Title: Paris) Capital of France.\nDoc 2 (Title: ) Untitled."
-    assert r.format_hits(hits, show_scores=True).startswith("[3.500] Doc 1 (Title: Paris)")
+    assert r.format_hits(hits) == "Doc 1(Title: Paris) Capital of France.\nDoc 2(Title: ) Untitled."
+    assert r.format_hits(hits, show_scores=True).startswith("[3.500] Doc 1(Title: Paris)")
+    assert r.format_hits([]) == ""
+
+
+# ------------------------------------------------------------ command line ---
+
+def test_command_line_answers_a_query(tmp_path, capsys):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"id": i, "contents": c}) for i, c in enumerate(
+        ["Paris\nParis is the capital of France.", "Rome\nRome is in Italy.", "Oslo\nOslo is cold."])))
+    r.main(["--corpus", str(path), "-k", "2", "capital of France"])  # only Paris shares a word
+    [hit] = r.local_searcher(path, show_progress=False)(["capital of France"], 2)[0]
+    assert capsys.readouterr().out == \
+        f"\n== capital of France\n[{hit['score']:.3f}] Doc 1(Title: Paris) Paris is the capital of France.\n"
+
+
+def test_command_line_corpus_errors_are_one_line_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(GOOD + b"{not json\n")
+    for path, message in [(tmp_path / "nope.jsonl", "corpus file not found: "), (bad, "")]:
+        with pytest.raises(SystemExit) as error:
+            r.main(["--corpus", str(path), "a query"])
+        assert error.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"retriever.py: {message}{path}") and err.endswith(" (--corpus)\n")
+        assert err.count("\n") == 1
+    assert f"{bad}:3: invalid JSON" in err
+
+
+def test_command_line_server_error_is_one_line_without_traceback(capsys):
+    with serve(lambda req, n: (400, b"no such index", 0)) as (url, _), pytest.raises(SystemExit) as error:
+        r.main(["--url", url, "a query"])
+    assert error.value.code == 1
+    assert capsys.readouterr().err == \
+        f"retriever.py: retrieval server {url} rejected the request: HTTP 400, body: 'no such index'\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-k", "0", "q"], "argument -k: must be at least 1, got 0"),
+    (["-k", "-3", "q"], "argument -k: must be at least 1, got -3"),
+    (["--max-passage-chars", "0", "q"], "argument --max-passage-chars: must be at least 1"),
+])
+def test_command_line_refuses_counts_below_1(argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        r.main(argv)
+    assert error.value.code == 2 and message in capsys.readouterr().err
