@@ -7,12 +7,14 @@ import http.server
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import asdict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +26,8 @@ import torch
 from rank_bm25 import BM25Okapi
 
 import data.make_world as make_world
+import data.warm_start as warm
+import docs.measure as measure
 import memsearcher as ms
 import retriever as r
 from retriever import local_searcher
@@ -32,8 +36,13 @@ ROOT = Path(__file__).parent
 
 
 def tiny_config(tmp, **overrides):
-    base = {**ms.PRESETS["tiny"], "output_dir": str(tmp), "tiny_hidden": 64, "tiny_layers": 2}
+    base = {**ms.PRESETS["tiny"], "output_dir": str(tmp), "warm_start_dir": str(Path(tmp) / "warm-start")}
     return ms.Config(**{**base, **overrides})
+
+
+def train(cfg):
+    """What `python memsearcher.py` does with a Config: the tiny model's warm start, then GRPO."""
+    return ms.train_and_evaluate(cfg, warm.tiny_policy(cfg) if cfg.model == "tiny" else cfg.model)
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +54,7 @@ def searcher():
 def tiny(tmp_path_factory):
     """A random tiny Qwen2 on disk, loaded through the Auto classes: (cfg, model, tokenizer)."""
     cfg = tiny_config(tmp_path_factory.mktemp("tiny"))
-    path = ms.build_tiny_model(cfg, ms.tiny_tokenizer_texts(cfg.corpus, cfg.train_file))
+    path = warm.build_tiny_model(cfg, warm.tiny_tokenizer_texts(cfg), Path(cfg.output_dir) / "tiny-init")
     model, tokenizer = ms.load_policy(path, torch.device("cpu"))
     return cfg, model, tokenizer
 
@@ -73,7 +82,7 @@ def learned(tmp_path_factory):
                       corpus=str(out / "corpus.jsonl"), pretrain_steps=200, warm_steps=600, steps=15, lr=3e-4,
                       questions_per_step=8, max_turns=4, eval_max_turns=4, eval_n=0, eval_every=0, print_every=0,
                       seed=0)
-    ms.train(cfg)
+    train(cfg)
     evals = [json.loads(line)["eval"] for line in open(out / "metrics.jsonl") if '"eval"' in line]
     return cfg, evals[0], evals[-1]
 
@@ -390,16 +399,23 @@ def test_checkpointed_logprob_chunks_give_the_same_gradient(tiny, monkeypatch):
 
 
 def test_padded_rows_get_the_same_logprobs_as_alone(tiny):
-    """collate pads on the right, so a row's positions do not depend on the longest row of its micro-batch."""
-    cfg, model, tokenizer = tiny
+    """collate pads on the right, so a row's positions do not depend on the longest row of its micro-batch; the
+    mask comes from the row, never from token ids (a sampled token equal to the pad id is still trained)."""
+    _, model, tokenizer = tiny
     rows = [{"ids": list(range(5, 5 + n)), "mask": [0] * 2 + [1] * (n - 2), "adv": 1.0} for n in (6, 13)]
-    rows[0]["ids"][-1] = tokenizer.pad_token_id           # a sampled token equal to the pad id is still trained
-    ms.attach_logprobs(model, rows, "together", tiny_config(cfg.output_dir), tokenizer.pad_token_id)
-    for r in rows:
-        alone = [dict(r)]
-        ms.attach_logprobs(model, alone, "alone", tiny_config(cfg.output_dir), tokenizer.pad_token_id)
-        assert torch.allclose(r["together"], alone[0]["alone"], atol=1e-5)
-        assert (r["together"] != 0).tolist() == [False] + [bool(m) for m in r["mask"][1:]]
+    rows[0]["ids"][-1] = tokenizer.pad_token_id
+
+    def logprobs(batch):
+        ids, attention, mask, _ = ms.collate(batch, tokenizer.pad_token_id, model.device)
+        assert mask.tolist() == [r["mask"] + [0] * (ids.shape[1] - len(r["mask"])) for r in batch]
+        with torch.no_grad():
+            return ms.token_logprobs(model, ids, attention, mask, chunk=4)
+
+    together = logprobs(rows)
+    for i, r in enumerate(rows):
+        alone = logprobs([r])[0]
+        assert torch.allclose(together[i, :len(r["ids"])], alone, atol=1e-5)
+        assert (alone != 0).tolist() == [False] + [bool(m) for m in r["mask"][1:]]
 
 
 def test_small_update_with_qwen_vocabulary_kl_and_two_updates(tiny, monkeypatch):
@@ -408,7 +424,7 @@ def test_small_update_with_qwen_vocabulary_kl_and_two_updates(tiny, monkeypatch)
     policy is the reference), and the update moves each conversation's log-prob the way of its advantage."""
     cfg, _, tokenizer = tiny
     torch.manual_seed(0)
-    policy = ms.qwen25_05b_shaped(layers=1)
+    policy = measure.qwen25_05b_shaped(layers=1)
     assert (policy.config.vocab_size, policy.config.hidden_size) == (151_936, 896)
     ref = copy.deepcopy(policy).requires_grad_(False).eval()
     prompt = ms.render_prompt(tokenizer, "Where was Ilvo Marsk born?", "")
@@ -432,7 +448,8 @@ def test_small_update_with_qwen_vocabulary_kl_and_two_updates(tiny, monkeypatch)
 
     before = [logp(r) for r in rows]
     monkeypatch.setattr(ms, "grpo_loss", spy)
-    stats = ms.train_on_rows(policy, ref, torch.optim.AdamW(policy.parameters(), lr=1e-4), rows, small,
+    random.seed(0)                                        # which row goes to which of the two mini-batches
+    stats = ms.train_on_rows(policy, ref, torch.optim.SGD(policy.parameters(), lr=0.1), rows, small,
                              tokenizer.pad_token_id)
     assert len(kls) == 2 and kls[0] == pytest.approx(0, abs=1e-6) and kls[1] > 0   # moved after the first update
     assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
@@ -599,7 +616,7 @@ def test_rollout_counts_every_stop_reason(formatted):
 def scripted_rollout(tiny, searcher, workflow, searches, n=12, turns=8):
     cfg, model, tokenizer = tiny
     questions = ms.load_questions(cfg.test_file[0])[:n]
-    policy = ms.scripted_policy(questions, searches)
+    policy = measure.scripted_policy(questions, searches)
     return ms.rollout(model, tokenizer, searcher, questions, tiny_config(cfg.output_dir), greedy=True,
                       max_turns=turns, workflow=workflow, generate_fn=policy), tokenizer
 
@@ -647,7 +664,7 @@ def test_memsearcher_context_stays_flat_while_react_grows(tiny, searcher):
 def test_react_trains_with_the_same_grpo_code(tmp_path):
     cfg = tiny_config(tmp_path, workflow="react", pretrain_steps=0, warm_steps=0, steps=2, group_size=2,
                       questions_per_step=2, eval_n=2, max_new_tokens=8, eval_every=0, print_every=0)
-    ms.train(cfg)
+    train(cfg)
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [rec["step"] for rec in records if "reward" in rec] == [1, 2]
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-000002"
@@ -656,9 +673,9 @@ def test_react_trains_with_the_same_grpo_code(tmp_path):
 @pytest.mark.slow
 def test_compare_command_writes_both_workflows(tmp_path):
     out = tmp_path / "cmp"
-    result = run_cli("--tiny", "--compare", "--output-dir", str(out), "--pretrain-steps", "0", "--warm-steps", "0",
-                     "--eval-n", "4", "--compare-turns", "3", "--group-size", "2", "--questions-per-step", "2",
-                     "--max-new-tokens", "16")
+    result = run_cli("docs/measure.py", "compare", "--tiny", "--output-dir", str(out), "--pretrain-steps", "0",
+                     "--warm-steps", "0", "--warm-start-dir", str(tmp_path / "warm"), "--eval-n", "4",
+                     "--compare-turns", "3", "--group-size", "2", "--questions-per-step", "2", "--max-new-tokens", "16")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "compare.json").read_text())
     for results in report["policies"].values():
@@ -689,8 +706,8 @@ def test_grpo_lifts_greedy_em_over_the_imitator(learned):
 
 # --------------------------------------------------------------------------------------------- the CLI ---
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "memsearcher.py"), *args], capture_output=True, text=True,
+def run_cli(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
 
 
@@ -699,9 +716,10 @@ def test_tiny_trains_saves_reloads_and_evaluates(tmp_path):
     out = tmp_path / "run"
     common = ["--tiny", "--output-dir", str(out), "--tiny-hidden", "64", "--tiny-layers", "2", "--group-size", "2",
               "--questions-per-step", "2", "--eval-n", "4", "--pretrain-steps", "5", "--warm-steps", "20",
-              "--max-turns", "2", "--eval-max-turns", "2"]
-    result = run_cli(*common, "--steps", "2")
+              "--max-turns", "2", "--eval-max-turns", "2", "--warm-start-dir", str(tmp_path / "warm")]
+    result = run_cli("memsearcher.py", *common, "--steps", "2")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "warm start: building" in result.stdout
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [rec["step"] for rec in records if "reward" in rec] == [1, 2]
     assert [rec["step"] for rec in records if "eval" in rec] == [0, 2]
@@ -710,9 +728,10 @@ def test_tiny_trains_saves_reloads_and_evaluates(tmp_path):
     model, tokenizer = ms.load_policy(str(checkpoint), torch.device("cpu"))
     assert len(tokenizer) == model.config.vocab_size
     # resume: continues at step 3, from the saved weights and optimizer state
-    result = run_cli(*common, "--steps", "3", "--resume")
+    result = run_cli("memsearcher.py", *common, "--steps", "3", "--resume")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in result.stdout and "at step 2" in result.stdout
+    assert "warm start: reusing" in result.stdout
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [rec["step"] for rec in records if "reward" in rec] == [1, 2, 3]
     assert (out / "latest").read_text().strip() == "checkpoint-000003"
@@ -724,12 +743,37 @@ def test_tiny_preset_warm_start_only_for_the_model_it_builds():
     assert (built.model, built.pretrain_steps, built.warm_steps) == ("tiny", 300, 2400)
     loaded = ms.parse_args(["--tiny", "--model", "runs/tiny/checkpoint-000030"])
     assert (loaded.pretrain_steps, loaded.warm_steps, loaded.group_size) == (0, 0, 8)
-    assert ms.parse_args(["--tiny", "--model", "some/path", "--warm-steps", "5"]).warm_steps == 5
+    with pytest.raises(SystemExit, match="--warm-steps warm-start the tiny model"):
+        ms.parse_args(["--tiny", "--model", "some/path", "--warm-steps", "5"])
+
+
+def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys):
+    """A later run with the same settings loads the kept warm start, and its GRPO run is the same run."""
+    few = tmp_path / "train.jsonl"                        # 100 questions: the expert plays every one
+    few.write_text("".join(open(ROOT / "data" / "train.jsonl").readlines()[:100]))
+    cfg = tiny_config(tmp_path / "a", train_file=[str(few)], pretrain_steps=3, warm_steps=4, steps=1, group_size=2,
+                      questions_per_step=2, eval_n=3, max_new_tokens=16, eval_every=0, print_every=0)
+    cfg.warm_start_dir = str(tmp_path / "warm")
+    built = warm.tiny_policy(cfg)
+    assert "warm start: building" in capsys.readouterr().out
+    assert warm.tiny_policy(cfg) == built and "warm start: reusing" in capsys.readouterr().out
+    record = json.loads((Path(built) / "warm_start.json").read_text())
+    assert record["settings"]["warm_steps"] == 4 and len(record["imitation"]["loss_every_10_steps"]) == 1
+    other = warm.tiny_policy(ms.Config(**{**asdict(cfg), "warm_steps": 5}))      # another setting, another model
+    assert other != built
+    rebuilt = warm.tiny_policy(ms.Config(**{**asdict(cfg), "rebuild_warm_start": True}))
+    assert rebuilt == built and "warm start: building" in capsys.readouterr().out
+    # GRPO after building (run a) and after reusing (run b): the same numbers
+    first = train(cfg)
+    second = train(ms.Config(**{**asdict(cfg), "output_dir": str(tmp_path / "b")}))
+    assert first == second
+    logs = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in "ab"]
+    assert [r.get("reward") for r in logs[0]] == [r.get("reward") for r in logs[1]]
 
 
 def test_a_new_run_keeps_the_old_metrics_log(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    ms.setup(tiny_config(tmp_path, eval_n=1))
+    ms.prepare_output_dir(tiny_config(tmp_path))
     assert not (tmp_path / "metrics.jsonl").exists()
     assert [p.read_text() for p in tmp_path.glob("metrics.*.jsonl")] == ['{"step": 1}\n']
 
@@ -767,7 +811,7 @@ def test_repeated_test_files_give_em_per_benchmark_and_their_average(tmp_path):
                                      for i, a in enumerate(answers)))
     cfg = ms.parse_args(["--tiny", "--test-file", str(files[0]), "--test-file", str(files[1]), "--eval-n", "3"])
     assert cfg.test_file == [str(f) for f in files]
-    _, _, _, test_qs, _ = ms.setup(cfg)
+    _, test_qs, _ = ms.load_data(cfg)
     assert [q["source"] for q in test_qs] == ["HotpotQA"] * 3 + ["NQ"] * 2           # --eval-n is per file
     trajs = [{**ms.new_trajectory(q), "reward": float(q["source"] == "NQ" or q["id"] == "0")} for q in test_qs]
     metrics = ms.summarize(trajs)
@@ -805,13 +849,13 @@ def test_retriever_url_serves_the_rollout_one_request_per_turn(tiny, searcher):
 
     with serve(bm25_server) as (url, server):
         remote_cfg = tiny_config(cfg.output_dir, retriever_url=url, eval_n=6)
-        _, _, _, questions, search = ms.setup(remote_cfg)
+        _, questions, search = ms.load_data(remote_cfg)
         trajs = ms.rollout(model, tokenizer, search, questions, remote_cfg, greedy=True, max_turns=4,
-                           generate_fn=ms.scripted_policy(questions, 3))
+                           generate_fn=measure.scripted_policy(questions, 3))
     assert len(server.requests) == 3                                     # one request per turn with searches
     assert all(len(req["queries"]) == 6 and req["topk"] == remote_cfg.top_k for req in server.requests)
     local = ms.rollout(model, tokenizer, searcher, questions, remote_cfg, greedy=True, max_turns=4,
-                       generate_fn=ms.scripted_policy(questions, 3))
+                       generate_fn=measure.scripted_policy(questions, 3))
     assert [t["convs"] for t in trajs] == [t["convs"] for t in local]     # same passages, same token ids
 
 
@@ -829,7 +873,7 @@ def test_a_failing_retrieval_server_keeps_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ms, "rollout", rollout)
     with pytest.raises(SystemExit, match="HTTP 503(.|\\n)*after 1 steps(.|\\n)*--resume"):
-        ms.train(cfg)
+        train(cfg)
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-000001"
     assert ms.restore_trainer_state(torch.optim.AdamW(ms.load_policy(str(tmp_path / "checkpoint-000001"),
                                                                         torch.device("cpu"))[0].parameters()),

@@ -1,0 +1,254 @@
+"""The tiny model's warm start: a teaching aid for `python memsearcher.py --tiny`, not part of the paper.
+
+A randomly initialised model never writes a well-formed search, so every reward is 0 and GRPO has nothing to
+reinforce. Qwen2.5-Instruct arrives knowing the format and able to copy a name; the tiny model gets that here:
+ 1. build: a byte-level BPE tokenizer trained on data/ (Qwen's pre-tokenizer split, ChatML specials and chat
+    template) and a randomly initialised Qwen2, saved so that it loads through the same Auto classes as Qwen;
+ 2. pretraining: next-token prediction on the world's text, so it learns to read and copy names;
+ 3. imitation of an imperfect expert. The toy world knows each question's hop chain, so a scripted expert can
+    play the MemSearcher format perfectly: search the next hop, copy the fact it finds into memory, answer when
+    memory holds the answer. It is made imperfect on purpose, with two mistakes drawn at random:
+      - forget (a memory mistake): once the memory already holds a fact, an update drops the fact just found,
+        so the agent searches the same thing again and, with few turns, never gets to answer;
+      - answer early: with the final fact still missing, it answers with what the last hop found (the city
+        instead of its country: the wrong field).
+    The model imitates it by cross-entropy on exactly the tokens RL trains (the loss mask), to convergence.
+The imitator then samples good and bad trajectories for the same question, which is what GRPO needs, while
+greedy decoding follows the expert's more likely choice: it forgets, as the expert does 60% of the time.
+
+The result is built once per setting and kept in --warm-start-dir (runs/warm-start): a later run with the same
+settings loads it and goes straight to GRPO; --rebuild-warm-start builds it again. This file uses
+memsearcher.py (prompt, conversation format, log-probs); memsearcher.py's method never uses this file.
+"""
+import hashlib
+import json
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import memsearcher as ms
+from retriever import format_hits, load_corpus, local_searcher
+
+# Bump when this file changes what a warm start produces: the kept ones are then built again.
+WARM_START_VERSION = 2
+# Everything else a warm start depends on: these settings and the data files.
+WARM_START_SETTINGS = ["seed", "tiny_hidden", "tiny_layers", "tiny_vocab", "pretrain_steps", "warm_steps",
+                       "warm_batch", "warm_lr", "expert_forget", "expert_early", "max_turns", "top_k",
+                       "micro_batch_tokens", "logprob_chunk", "grad_clip"]
+
+
+def tiny_policy(cfg):
+    """--model tiny -> the folder of its warm-started model: built and kept the first time, then reused."""
+    settings = {name: getattr(cfg, name) for name in WARM_START_SETTINGS}
+    settings["data_sha1"] = hashlib.sha1(b"".join(Path(f).read_bytes() for f in [cfg.corpus, *cfg.train_file])
+                                         ).hexdigest()
+    settings["version"] = WARM_START_VERSION
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    folder = Path(cfg.warm_start_dir) / f"tiny-seed{cfg.seed}-{digest}"
+    record = folder / "warm_start.json"                 # written last: a folder without it is built again
+    if record.exists() and not cfg.rebuild_warm_start:
+        print(f"warm start: reusing {folder}, built by an earlier run with these settings "
+              "(--rebuild-warm-start builds it again)")
+        return str(folder)
+    questions = [q for path in cfg.train_file for q in ms.load_questions(path)]
+    missing = [q["id"] for q in questions if "support" not in q]
+    if cfg.warm_steps and missing:
+        raise SystemExit(f"--warm-steps needs questions with a 'support' hop chain (as data/make_world.py "
+                         f"writes); {len(missing)} lack it, e.g. {missing[0]}. Use --warm-steps 0.")
+    print(f"warm start: building the tiny model ({cfg.pretrain_steps} pretraining and {cfg.warm_steps} imitation "
+          f"steps); it is kept in {folder} for later runs with these settings")
+    t0 = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = ms.load_policy(build_tiny_model(cfg, tiny_tokenizer_texts(cfg), tmp), device)
+    log = {"settings": settings}
+    if cfg.pretrain_steps:
+        log["pretrain"] = pretrain(model, tokenizer, questions, cfg)
+    if cfg.warm_steps:
+        log["imitation"] = imitate(model, tokenizer, local_searcher(cfg.corpus, show_progress=False), questions, cfg)
+    ms.save_model(model, tokenizer, folder)
+    log["build_s"] = round(time.time() - t0, 1)
+    ms.write_atomic(record, json.dumps(log, indent=1))
+    print(f"warm start: built in {log['build_s']:.0f} s")
+    return str(folder)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 1. The tiny model.
+
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")       # Qwen2Tokenizer's own pre-tokenizer split
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tiny_model(cfg, texts, path):
+    """Train a tokenizer on `texts`, build a random Qwen2 on it, save both into `path` -> path."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    path = Path(path)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=cfg.tiny_vocab, special_tokens=SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path.mkdir(parents=True, exist_ok=True)
+    bpe.model.save(str(path))                             # vocab.json + merges.txt, as Qwen ships them
+    special = {"special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "chat_template": CHATML, "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None,
+        "model_max_length": 4096,
+        "added_tokens_decoder": {str(bpe.token_to_id(s)): {"content": s, **special} for s in SPECIALS}}, indent=1))
+    torch.manual_seed(cfg.seed)
+    model = small_qwen2(bpe.get_vocab_size(), cfg.tiny_hidden, cfg.tiny_layers, bos_token_id=None,
+                        eos_token_id=bpe.token_to_id("<|im_end|>"), pad_token_id=bpe.token_to_id("<|endoftext|>"))
+    model.save_pretrained(path)
+    return str(path)
+
+
+def small_qwen2(vocab, hidden, layers, **special_ids):
+    """A randomly initialised Qwen2 (4 attention heads sharing 2 key/value heads, tied embeddings)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=4 * hidden, max_position_embeddings=4096,
+        tie_word_embeddings=True, **special_ids))
+
+
+def tiny_tokenizer_texts(cfg):
+    """What the tiny tokenizer learns its merges from: the corpus, the questions and the prompt's words."""
+    texts = [ms.SYSTEM_PROMPT, ms.user_message("", ""), ms.information_text([]), EXPERT_SEARCH, EXPERT_ANSWER,
+             EXPERT_MEMORY] * 50
+    texts += [json.loads(line)["contents"] for line in open(cfg.corpus, encoding="utf-8") if line.strip()]
+    for f in cfg.train_file:
+        texts += [json.loads(line)["question"] for line in open(f, encoding="utf-8") if line.strip()]
+    return texts
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 2. Pretraining.
+
+def pretrain(model, tokenizer, questions, cfg, batch=16, length=256):
+    """Next-token prediction on the world's text: passages (rendered as the agent sees them) and questions.
+
+    A real LLM arrives pretrained: it can read and copy names before it ever searches. The tiny model starts
+    from random weights, and imitation alone (whose loss sees only the tokens the agent writes) is slow to
+    teach it to copy a name it has read. A minute and a half of ordinary language modelling, where every
+    token is a target, fixes that.
+    """
+    rng = random.Random(cfg.seed)
+    texts = [format_hits([p]) for p in load_corpus(cfg.corpus)] + [q["question"] for q in questions]
+    rng.shuffle(texts)
+    stream = [t for ids in tokenizer([t + "\n" for t in texts], add_special_tokens=False).input_ids for t in ids]
+    chunks = [stream[i:i + length] for i in range(0, len(stream) - length + 1, length)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warm_lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain", unit="step")
+    for _ in bar:
+        rows = [{"ids": ids, "mask": [0] + [1] * (len(ids) - 1)} for ids in rng.sample(chunks, batch)]
+        ids, attention, mask, _ = ms.collate(rows, tokenizer.pad_token_id, model.device)
+        with ms.autocast(model.device):
+            logp = ms.token_logprobs(model, ids, attention, mask, cfg.logprob_chunk)
+        loss = -(logp * mask).sum() / mask.sum()                    # every token is a target here
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    return {"loss_end": sum(losses[-20:]) / len(losses[-20:])}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 3. Imitation of the imperfect expert.
+
+# Spaces inside the tags keep names as the same tokens as in the question and passages (" Ilvo", not "Ilvo").
+EXPERT_SEARCH = "<think> I need {0}. </think>\n<search> {0} </search>"
+EXPERT_ANSWER = "<think> I can answer. </think>\n<answer> {} </answer>"
+EXPERT_MEMORY = "<memory> {} </memory>"
+
+
+def expert_trajectory(question, search, tokenizer, cfg, rng):
+    """Play one question with the scripted expert -> a trajectory in the same format as ms.rollout()'s."""
+    t = ms.new_trajectory(question)
+    support = question["support"]
+
+    def add(conv, text, trained):                # the expert's text is tokenized: it was never sampled
+        ms.extend_conversation(conv, tokenizer(text, add_special_tokens=False).input_ids, trained)
+
+    for turn in range(cfg.max_turns):
+        conv = {"ids": [], "mask": []}
+        t["convs"].append(conv)
+        ms.extend_conversation(conv, ms.render_prompt(tokenizer, question["question"], t["memory"]), False)
+        known = [h for h in support if h["fact"] in t["memory"]]
+        missing = [h for h in support if h["fact"] not in t["memory"]]
+        if not missing or (known and rng.random() < cfg.expert_early):
+            t["answer"] = question["golden_answers"][0] if not missing else known[-1]["finding"]
+            add(conv, EXPERT_ANSWER.format(t["answer"]), True)
+            t["stop"] = "answered"
+            break
+        hop = missing[0]
+        add(conv, EXPERT_SEARCH.format(hop["query"]), True)
+        if turn == cfg.max_turns - 1:
+            t["stop"] = "max_turns"
+            break
+        add(conv, ms.information_text(search([hop["query"]], cfg.top_k)[0]), False)
+        if not (t["memory"] and rng.random() < cfg.expert_forget):
+            t["memory"] = f"{t['memory']} {hop['fact']}".strip()
+        add(conv, EXPERT_MEMORY.format(t["memory"]), True)
+    t["stop"] = t["stop"] or "max_turns"
+    t["reward"] = ms.exact_match(t["answer"], question["golden_answers"]) if t["answer"] is not None else 0.0
+    return t
+
+
+def warmup_cosine(optimizer, steps, warmup=20):
+    """Learning rate: linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
+def imitate(model, tokenizer, search, questions, cfg):
+    """Imitation learning on expert trajectories: token-level cross-entropy on the loss-mask tokens."""
+    rng = random.Random(cfg.seed)
+    experts = [expert_trajectory(q, search, tokenizer, cfg, rng) for q in tqdm(questions, desc="expert", leave=False)]
+    rows = [c for t in experts for c in t["convs"]]
+    flawed = sum(t["reward"] == 0 for t in experts) / len(experts)
+    print(f"imitation: {len(experts)} expert trajectories ({flawed:.0%} end without the right answer), "
+          f"{len(rows)} conversations")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warm_lr, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, cfg.warm_steps)
+    model.train()
+    order, losses = [], []
+    bar = tqdm(range(cfg.warm_steps), desc="imitation", unit="step")
+    for _ in bar:
+        if len(order) < cfg.warm_batch:
+            order += rng.sample(range(len(rows)), len(rows))          # another shuffled pass over the data
+        batch, order = [rows[i] for i in order[:cfg.warm_batch]], order[cfg.warm_batch:]
+        n_tokens = sum(sum(r["mask"]) for r in batch)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in ms.pack_micro_batches(batch, cfg.micro_batch_tokens):
+            ids, attention, mask, _ = ms.collate(micro, tokenizer.pad_token_id, model.device)
+            with ms.autocast(model.device):
+                logp = ms.token_logprobs(model, ids, attention, mask, cfg.logprob_chunk)
+            loss = -(logp * mask).sum() / n_tokens                  # mean negative log-likelihood per token
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        losses.append(total)
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    return {"expert_flawed": flawed, "loss_end": sum(losses[-20:]) / len(losses[-20:]),
+            "loss_every_10_steps": [round(sum(losses[i:i + 10]) / len(losses[i:i + 10]), 4)
+                                    for i in range(0, len(losses), 10)]}

@@ -1,0 +1,307 @@
+"""The measurements behind the README's figures, kept out of memsearcher.py's reading path.
+
+    python docs/measure.py compare --tiny --model runs/tiny/checkpoint-000030 --questions-per-step 5
+    python docs/measure.py logprob-memory
+    python docs/measure.py curves runs/tiny
+
+compare: one policy, both workflows (MemSearcher and ReAct) on the same test questions: EM, context per turn,
+tokens processed, peak memory; the same with a scripted policy that searches until the last turn (lengths
+only); and rollout throughput, batched as in training vs one trajectory at a time. Any memsearcher.py flag
+works after `compare` (--tiny builds or reuses the warm-started tiny model), plus --compare-turns.
+logprob-memory: peak memory of chunked log-probs (memsearcher.token_logprobs) vs full logits, Qwen2.5's vocab.
+curves: reward per step and greedy EM per evaluation of a run, from its metrics.jsonl, as a PNG.
+The PNGs need matplotlib (pip install matplotlib); nothing else does.
+"""
+import argparse
+import json
+import multiprocessing
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # memsearcher.py and data/ live one up
+import memsearcher as ms                                             # noqa: E402
+from data.warm_start import EXPERT_ANSWER, EXPERT_MEMORY, EXPERT_SEARCH, small_qwen2, tiny_policy  # noqa: E402
+
+
+def qwen25_05b_shaped(layers=24):
+    """Qwen2.5-0.5B's exact shape with random weights, built offline (no hub): 24 layers of hidden 896, 14 heads
+    sharing 2 key/value heads, MLP 4864, the 151,936-token vocabulary, tied embeddings, rope theta 1e6.
+    `layers` cuts it down for tests and measurements on a CPU."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# MemSearcher vs ReAct: the paper's trade-off, measured. The same policy, the same test questions, both
+# workflows. ReAct keeps every turn in one context, so its context and its cost grow with the turns;
+# MemSearcher's context holds the question and the memory only, so it stays flat.
+
+def scripted_policy(questions, searches):
+    """A stand-in for the model with generate()'s signature, for measuring context lengths on any machine.
+
+    It knows each toy-world question's hop chain: it searches `searches` times, walking the chain again from
+    the start when it runs out of hops, and then answers with the gold answer. Its memory holds every
+    supporting fact it has read. Its texts are tokenized (they were never sampled), so it measures lengths,
+    not learning.
+    """
+    by_text = {q["question"]: q for q in questions}
+    calls = Counter()                                      # action phases so far, per question
+
+    def generate_fn(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperature=1.0):
+        outs = []
+        for context in contexts:
+            text = tokenizer.decode(context)
+            q = by_text[re.findall(r"<question> (.*?) </question>", text)[-1]]
+            if stops == ms.MEMORY_STOPS:
+                facts = [h["fact"] for h in q["support"] if h["fact"] in text]
+                out = EXPERT_MEMORY.format(" ".join(dict.fromkeys(facts)))
+            else:
+                calls[q["question"]] += 1
+                n = calls[q["question"]]
+                out = (EXPERT_SEARCH.format(q["support"][(n - 1) % len(q["support"])]["query"]) if n <= searches
+                       else EXPERT_ANSWER.format(q["golden_answers"][0]))
+            outs.append((tokenizer(out, add_special_tokens=False).input_ids, out, True))
+        return outs
+    return generate_fn
+
+
+def peak_memory_mb(device):
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # Linux reports KiB
+
+
+def workflow_metrics(trajs, seconds, device):
+    """What the comparison table shows for one workflow."""
+    m = ms.summarize(trajs)
+    turns = max(len(t["context_tokens"]) for t in trajs)
+    return {"em": m["em"], "turns": m["turns"],
+            "context_mean": m["context_tokens_per_turn"],
+            "context_max": [max(t["context_tokens"][i] for t in trajs if len(t["context_tokens"]) > i)
+                            for i in range(turns)],
+            "processed_tokens": sum(t["processed_tokens"] for t in trajs) / len(trajs),
+            "sampled_tokens": m["sampled_tokens"], "generation_s": round(seconds, 2),
+            "peak_memory_mb": round(peak_memory_mb(device), 1), "stops": m["stops"]}
+
+
+def compare_workflows(model, tokenizer, search, questions, cfg, turns, scripted_searches=None):
+    """Greedy rollouts of the same questions with both workflows -> {workflow: metrics}.
+
+    With scripted_searches, the scripted policy plays instead of the model (the model is not used)."""
+    results = {}
+    for workflow in ms.WORKFLOWS:
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        fn = scripted_policy(questions, scripted_searches) if scripted_searches else ms.generate
+        t0 = time.time()
+        trajs = ms.rollout(model, tokenizer, search, questions, cfg, greedy=True, max_turns=turns,
+                        workflow=workflow, generate_fn=fn)
+        results[workflow] = workflow_metrics(trajs, time.time() - t0, model.device)
+    return results
+
+
+def rollout_throughput(model, tokenizer, search, questions, cfg):
+    """Sampled tokens/s of one batched training rollout (sampling, as in training) vs one trajectory at a time."""
+    model.eval()
+    rates = {}
+    for mode in ["batched", "one at a time"]:
+        torch.manual_seed(cfg.seed)
+        t0 = time.time()
+        if mode == "batched":
+            trajs = ms.rollout(model, tokenizer, search, questions, cfg)
+        else:
+            trajs = [t for q in questions for t in ms.rollout(model, tokenizer, search, [q], cfg)]
+        seconds = time.time() - t0
+        tokens = sum(sum(c["mask"]) for t in trajs for c in t["convs"])
+        rates[mode] = {"trajectories": len(trajs), "sampled_tokens": tokens, "seconds": round(seconds, 2),
+                       "tokens_per_s": round(tokens / seconds, 1)}
+    rates["speedup"] = round(rates["batched"]["tokens_per_s"] / rates["one at a time"]["tokens_per_s"], 2)
+    return rates
+
+
+def compare(cfg, turns):
+    """Evaluate both workflows (the model and the scripted policy), measure rollout throughput, report."""
+    train_qs, test_qs, search = ms.load_data(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = ms.load_policy(tiny_policy(cfg) if cfg.model == "tiny" else cfg.model, device)
+    model.eval()
+    results = {"model": cfg.model, "device": str(device), "questions": len(test_qs), "max_turns": turns,
+               "policies": {"model (greedy)": compare_workflows(model, tokenizer, search, test_qs, cfg, turns)}}
+    if all("support" in q for q in test_qs):
+        results["policies"]["scripted (searches until the last turn)"] = compare_workflows(
+            model, tokenizer, search, test_qs, cfg, turns, scripted_searches=turns - 1)
+    batch = [q for q in train_qs[:cfg.questions_per_step] for _ in range(cfg.group_size)]   # one training batch
+    results["throughput"] = rollout_throughput(model, tokenizer, search, batch, cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(results, indent=1))
+    print_comparison(results)
+    print(f"written: {out / 'compare.json'}")
+    plot_context(results, out / "context_per_turn.png")
+    return results
+
+
+def print_comparison(r):
+    print(f"\nMemSearcher vs ReAct: {r['questions']} test questions, up to {r['max_turns']} turns, {r['model']} "
+          f"on {r['device']}")
+    for policy, results in r["policies"].items():
+        print(f"\n{policy}")
+        rows = [("EM", "{em:.3f}"), ("mean turns", "{turns:.2f}"), ("tokens processed / trajectory",
+                "{processed_tokens:.0f}"), ("generation seconds", "{generation_s:.1f}"),
+                ("peak memory MB", "{peak_memory_mb:.0f}")]
+        print(f"{'':34}" + "".join(f"{w:>14}" for w in results))
+        for label, f in rows:
+            print(f"{label:34}" + "".join(f"{f.format(**m):>14}" for m in results.values()))
+        turns = max(len(m["context_mean"]) for m in results.values())
+        for i in range(turns):
+            cells = [f"{m['context_mean'][i]:.0f} / {m['context_max'][i]}" if i < len(m["context_mean"]) else "-"
+                     for m in results.values()]
+            print(f"{f'context at turn {i + 1} (mean / max)':34}" + "".join(f"{c:>14}" for c in cells))
+    if r["device"] == "cpu":
+        print("(on a CPU, peak memory is the process's peak resident set so far: a later column is never below "
+              "an earlier one)")
+    t = r["throughput"]
+    print(f"\nrollout throughput, {t['batched']['trajectories']} trajectories sampled as in training: batched "
+          f"{t['batched']['tokens_per_s']:.0f} tokens/s, one trajectory at a time "
+          f"{t['one at a time']['tokens_per_s']:.0f} tokens/s ({t['speedup']:.1f}x)")
+
+
+def pyplot_or_none(path, note=""):
+    """matplotlib.pyplot for writing PNGs, or None (with a hint) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print(f"(pip install matplotlib to get {path}{note})")
+        return None
+
+
+def plot_context(r, path):
+    """Context tokens per turn for both workflows -> PNG (needs matplotlib)."""
+    plt = pyplot_or_none(path)
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(r["policies"]), figsize=(5 * len(r["policies"]), 3.5), squeeze=False)
+    for ax, (policy, results) in zip(axes[0], r["policies"].items()):
+        for workflow, m in results.items():
+            ax.plot(range(1, len(m["context_mean"]) + 1), m["context_mean"], marker="o", label=workflow)
+        ax.set(title=policy, xlabel="turn", ylabel="context tokens (mean)", ylim=(0, None))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Log-probs without the [B, T, V] tensor.
+
+def logprob_memory(chunk, output, rows=16, length=1024, vocab=151_936):
+    """Peak memory that log-probs + backward add over rows x length tokens with Qwen's vocab.
+
+    A two-layer Qwen2 with hidden size 64 and Qwen2.5's 151,936-token vocabulary stands in for the model: the
+    output layer is what matters. Chunked = token_logprobs(); full = the usual logits.log_softmax().gather(),
+    which holds several [B, T, V] fp32 tensors at once. On a CPU each measurement runs in a fresh process (peak
+    resident memory can only grow); full logits are measured at 1 and 2 rows and scaled to `rows`, because at
+    16 x 1024 they need tens of GB.
+    """
+    results = {}
+    for method, n in [("chunked", rows), ("full logits", 1), ("full logits", 2)]:
+        if torch.cuda.is_available():
+            added = _logprob_peak(method, n, length, vocab, chunk)
+        else:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                added = pool.apply(_logprob_peak, (method, n, length, vocab, chunk))
+        results[f"{method}, {n} x {length}"] = round(added)
+        print(f"{method:12} {n:3} x {length} tokens: +{added:,.0f} MB peak")
+    per_row = results[f"full logits, 2 x {length}"] - results[f"full logits, 1 x {length}"]
+    results[f"full logits, {rows} x {length} (scaled)"] = round(results[f"full logits, 1 x {length}"]
+                                                                 + (rows - 1) * per_row)
+    print(f"full logits  {rows} x {length} tokens: ~+{results[f'full logits, {rows} x {length} (scaled)']:,} MB "
+          f"(scaled from 1 and 2 rows: {per_row:,.0f} MB per row)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"chunk": chunk, **results}, indent=1))
+    print(f"written: {output}")
+    return results
+
+
+def _logprob_peak(method, rows, length, vocab, chunk):
+    """Peak MB added by one forward + backward of the summed log-probs (runs in its own process on a CPU)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = small_qwen2(vocab, hidden=64, layers=2).to(device)
+    ids = torch.randint(vocab, (rows, length), device=device)
+    attention, mask = torch.ones_like(ids), torch.ones(rows, length, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else peak_memory_mb(device)
+    if method == "chunked":
+        logp = ms.token_logprobs(model, ids, attention, mask, chunk)
+    else:
+        logits = model(input_ids=ids, attention_mask=attention).logits.float()            # [B, T, V]
+        logp = logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None]).squeeze(2)      # [B, T-1]
+    logp.sum().backward()
+    return peak_memory_mb(device) - before
+
+
+# -----------------------------------------------------------------------------------------------------------
+# A run's curves.
+
+def plot_curves(out):
+    """Reward per step and EM per evaluation -> out/curves.png (needs matplotlib)."""
+    plt = pyplot_or_none(out / "curves.png", "; the numbers are in metrics.jsonl")
+    if plt is None:
+        return
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train_steps = [(r["step"], r["reward"]) for r in records if "reward" in r]
+    evals = [(r["step"], r["eval"]["em"]) for r in records if "eval" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    if train_steps:
+        axes[0].plot(*zip(*train_steps))
+    axes[0].set(title="training reward (mean EM of sampled trajectories)", xlabel="GRPO step")
+    axes[1].plot(*zip(*evals), marker="o")
+    axes[1].set(title="greedy test EM", xlabel="GRPO step", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    print(f"plots: {out / 'curves.png'}")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ["compare", "logprob-memory", "curves"]
+    if not argv or argv[0] not in commands:
+        raise SystemExit(__doc__.split("\n\n")[1] + f"\nusage: python docs/measure.py {{{','.join(commands)}}} ...")
+    command, rest = argv[0], argv[1:]
+    if command == "compare":
+        parser = argparse.ArgumentParser(prog="docs/measure.py compare", add_help=False)
+        parser.add_argument("--compare-turns", type=int, default=8, help="max turns per trajectory")
+        own, rest = parser.parse_known_args(rest)
+        if own.compare_turns < 2:
+            raise SystemExit("--compare-turns must be at least 2 (one search, one answer)")
+        compare(ms.parse_args(rest), own.compare_turns)
+    elif command == "logprob-memory":
+        parser = argparse.ArgumentParser(prog="docs/measure.py logprob-memory")
+        parser.add_argument("--chunk", type=int, default=256, help="positions per chunk (memsearcher's default)")
+        parser.add_argument("--output", default="runs/logprob_memory.json", help="where the numbers go")
+        args = parser.parse_args(rest)
+        logprob_memory(args.chunk, Path(args.output))
+    else:
+        if len(rest) != 1 or not (Path(rest[0]) / "metrics.jsonl").is_file():
+            raise SystemExit("usage: python docs/measure.py curves RUN_FOLDER (a folder with a metrics.jsonl)")
+        plot_curves(Path(rest[0]))
+
+
+if __name__ == "__main__":
+    main()
