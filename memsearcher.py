@@ -59,7 +59,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           LogitsProcessorList)
 from transformers.utils import logging as hf_logging
 
-from retriever import RetrievalError, format_hits, local_searcher, remote_searcher
+from retriever import (PAPER_BENCHMARKS, RetrievalError, format_hits, load_questions, local_searcher,
+                       remote_searcher)
 
 DATA = Path(__file__).parent / "data"
 
@@ -67,83 +68,82 @@ DATA = Path(__file__).parent / "data"
 # -----------------------------------------------------------------------------------------------------------
 # Config: one flat block. Every field is a command-line flag (--group-size 5); a preset fills in the rest.
 
-def flag(default, help):
-    """A config field with its --help text. A list default makes a flag that can be given several times."""
+def flag(default, help, must_be=None):
+    """A config field: its default, its --help text and what its value must be (see CHECKS). A list default
+    makes a flag that can be given several times."""
+    metadata = {"help": help, "must_be": must_be, "repeat": isinstance(default, list)}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, "repeat": True})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+CHECKS = {"at least 1": lambda v: v >= 1, "at least 0": lambda v: v >= 0, "positive": lambda v: v > 0,
+          "between 0 and 1": lambda v: 0 <= v <= 1, "greater than 1": lambda v: v > 1}
 
 
 @dataclass
 class Config:
     # what to train, on what
     model: str = flag("Qwen/Qwen2.5-0.5B-Instruct", "HF causal LM id or local path; 'tiny' builds one offline")
-    train_file: list = flag([str(DATA / "train.jsonl")], "training questions, FlashRAG JSONL; repeat the flag "
-                                                         "for several files")
-    test_file: list = flag([str(DATA / "test.jsonl")], "test questions, FlashRAG JSONL; repeat the flag for "
-                                                       "several benchmarks (EM is reported per file)")
+    train_file: list = flag([str(DATA / "train.jsonl")], "training questions, FlashRAG JSONL (repeatable)")
+    test_file: list = flag([str(DATA / "test.jsonl")], "test questions, FlashRAG JSONL (repeatable: EM per file)")
     corpus: str = flag(str(DATA / "corpus.jsonl"), "FlashRAG corpus JSONL for BM25")
-    retriever_url: str = flag("", "a Search-R1 retrieval server, e.g. http://host:8000/retrieve, instead of "
-                                  "BM25 over --corpus")
-    retriever_timeout: float = flag(30.0, "seconds to wait for the retrieval server's answer")
-    retriever_retries: int = flag(3, "retries of a failed retrieval request (with back-off) before the run stops")
-    max_passage_chars: int = flag(20_000, "a longer passage is cut (and reported) before the model reads it")
-    output_dir: str = flag("runs/small", "checkpoints, metrics.jsonl and the final model go here")
+    retriever_url: str = flag("", "a Search-R1 retrieval server (http://host:8000/retrieve) instead of BM25")
+    retriever_timeout: float = flag(30.0, "seconds to wait for the retrieval server's answer", "positive")
+    retriever_retries: int = flag(3, "retries of a failed retrieval request, with back-off", "at least 0")
+    max_passage_chars: int = flag(20_000, "a longer passage is cut, and reported, for the model", "at least 1")
+    output_dir: str = flag("runs/small", "checkpoints and metrics.jsonl go here")
     seed: int = flag(0, "random seed")
     # multi-context GRPO
-    group_size: int = flag(5, "G: rollouts per question")
-    questions_per_step: int = flag(32, "questions per training step (trajectories = this x G)")
-    steps: int = flag(100, "training steps")
-    lr: float = flag(1e-6, "AdamW learning rate (constant)")
-    weight_decay: float = flag(0.01, "AdamW weight decay")
-    grad_clip: float = flag(1.0, "max gradient norm")
-    kl_coef: float = flag(0.001, "weight of the k3 KL to the frozen initial model; 0 loads no reference")
-    clip_eps: float = flag(0.2, "PPO clip epsilon")
-    dual_clip: float = flag(3.0, "dual-clip constant c: caps the loss of negative-advantage tokens")
-    updates_per_step: int = flag(2, "optimizer steps per rollout batch (PPO mini-batches, 1 epoch)")
-    micro_batch_tokens: int = flag(16384, "max padded tokens in one forward/backward pass")
-    logprob_chunk: int = flag(256, "tokens per chunk when turning hidden states into log-probs (each chunk "
-                                  "holds a few [chunk, vocab] fp32 tensors: 256 x 151,936 x 4 B = 156 MB each)")
+    group_size: int = flag(5, "G: rollouts per question", "at least 1")
+    questions_per_step: int = flag(32, "questions per training step (trajectories = this x G)", "at least 1")
+    steps: int = flag(100, "training steps", "at least 0")
+    lr: float = flag(1e-6, "AdamW learning rate (constant)", "at least 0")
+    weight_decay: float = flag(0.01, "AdamW weight decay", "at least 0")
+    grad_clip: float = flag(1.0, "max gradient norm", "positive")
+    kl_coef: float = flag(0.001, "weight of the k3 KL to the frozen initial model; 0 loads no reference", "at least 0")
+    clip_eps: float = flag(0.2, "PPO clip epsilon", "at least 0")
+    dual_clip: float = flag(3.0, "dual-clip constant c: caps the loss of negative-advantage tokens", "greater than 1")
+    updates_per_step: int = flag(2, "optimizer steps per rollout batch (PPO mini-batches, 1 epoch)", "at least 1")
+    micro_batch_tokens: int = flag(16384, "max padded tokens in one forward/backward pass", "at least 1")
+    logprob_chunk: int = flag(256, "positions per log-prob chunk ([256, 151,936] in fp32: 156 MB)", "at least 1")
     # the agent
     workflow: str = flag("memsearcher", "memsearcher: each turn sees question + memory; react: one growing context")
-    max_turns: int = flag(5, "max turns per trajectory in training")
-    eval_max_turns: int = flag(10, "max turns per trajectory in evaluation")
-    max_new_tokens: int = flag(512, "max sampled tokens per generation (action or memory)")
-    max_memory_tokens: int = flag(1024, "a longer memory ends the trajectory")
-    top_k: int = flag(3, "passages retrieved per search")
-    temperature: float = flag(1.0, "sampling temperature in training (evaluation is greedy)")
+    max_turns: int = flag(5, "max turns per trajectory in training", "at least 1")
+    eval_max_turns: int = flag(10, "max turns per trajectory in evaluation", "at least 1")
+    max_new_tokens: int = flag(512, "max sampled tokens per generation (action or memory)", "at least 1")
+    max_memory_tokens: int = flag(1024, "a longer memory ends the trajectory", "at least 1")
+    top_k: int = flag(3, "passages retrieved per search", "at least 1")
+    temperature: float = flag(1.0, "sampling temperature in training (evaluation is greedy)", "positive")
     # evaluation, logging, checkpoints
-    eval_every: int = flag(25, "evaluate every N steps (0: only before and after training)")
-    eval_n: int = flag(300, "test questions to evaluate on (0: all)")
-    save_every: int = flag(50, "checkpoint every N steps (0: only at the end)")
-    print_every: int = flag(10, "print one whole trajectory every N steps")
+    eval_every: int = flag(25, "evaluate every N steps (0: only before and after training)", "at least 0")
+    eval_n: int = flag(300, "test questions to evaluate on, per test file (0: all)", "at least 0")
+    save_every: int = flag(50, "checkpoint every N steps (0: only at the end)", "at least 0")
+    print_every: int = flag(10, "print one whole trajectory every N steps", "at least 0")
     resume: bool = flag(False, "continue from the latest checkpoint in --output-dir")
-    # the tiny model's warm start (--model tiny; data/warm_start.py: a teaching aid, not part of the paper)
-    warm_start_dir: str = flag("runs/warm-start", "the warm-started tiny model is built once per setting and "
-                                                  "kept here")
-    rebuild_warm_start: bool = flag(False, "build the tiny model's warm start again even if it is kept")
-    pretrain_steps: int = flag(0, "next-token pretraining steps on the corpus and questions (0: none)")
-    warm_steps: int = flag(0, "steps imitating a scripted expert before GRPO (0: none); needs 'support' chains")
-    warm_batch: int = flag(16, "conversations per imitation step")
-    warm_lr: float = flag(1e-3, "learning rate of pretraining (constant) and imitation (peak; cosine decay)")
-    expert_forget: float = flag(0.6, "expert: chance that a memory update drops the fact just found, "
-                                    "once the memory already holds a fact")
-    expert_early: float = flag(0.25, "expert: chance of answering from a memory that lacks the final fact")
-    tiny_hidden: int = flag(128, "tiny model: hidden size")
-    tiny_layers: int = flag(4, "tiny model: transformer layers")
-    tiny_vocab: int = flag(4096, "tiny model: BPE vocabulary size (at most)")
+    # the tiny model and its warm start (data/warm_start.py: a teaching aid, not part of the paper)
+    tiny_hidden: int = flag(64, "tiny model: hidden size", "at least 1")
+    tiny_layers: int = flag(2, "tiny model: transformer layers", "at least 1")
+    tiny_vocab: int = flag(4096, "tiny model: BPE vocabulary size (at most)", "at least 1")
+    pretrain_steps: int = flag(0, "next-token pretraining steps on the corpus and questions", "at least 0")
+    warm_steps: int = flag(0, "steps imitating a scripted expert (needs the toy world's hop chains)", "at least 0")
+    warm_batch: int = flag(8, "conversations per imitation step", "at least 1")
+    warm_lr: float = flag(3e-3, "learning rate of pretraining (constant) and imitation (peak; cosine decay)",
+                          "at least 0")
+    expert_forget: float = flag(0.6, "expert: chance to drop a new fact once the memory holds one", "between 0 and 1")
+    expert_early: float = flag(0.25, "expert: chance to answer without the final fact", "between 0 and 1")
+    warm_start_dir: str = flag("runs/warm-start", "the warm-started tiny model is built once per setting, kept here")
+    rebuild_warm_start: bool = flag(False, "build the warm start again even if one is kept")
 
 
 PRESETS = {
-    # Qwen2.5-0.5B-Instruct, full finetuning, one GPU with 24 GB or more: fp32 master weights and AdamW
-    # state (~8 GB), bf16 autocast, gradient checkpointing. 100 steps x 32 questions x G=5.
+    # Qwen2.5-0.5B-Instruct, full finetuning on one GPU: the defaults above.
     "small": dict(),
-    # a 0.3M-parameter Qwen2 built from data/, warm-started (once), then GRPO on 2 CPU cores: see the README.
-    "tiny": dict(model="tiny", output_dir="runs/tiny", tiny_hidden=64, tiny_layers=2, top_k=2, max_new_tokens=64,
-                 max_memory_tokens=96, eval_max_turns=5, pretrain_steps=300, warm_steps=2400, warm_batch=8,
-                 warm_lr=3e-3, group_size=8, questions_per_step=16, steps=30, lr=3e-4, kl_coef=0.0,
-                 updates_per_step=1, micro_batch_tokens=8192, logprob_chunk=1024, eval_every=15, eval_n=300,
-                 save_every=0, print_every=10),
+    # a 0.3M-parameter Qwen2 built from data/, warm-started once, then GRPO on 2 CPU cores (see the README)
+    "tiny": dict(model="tiny", output_dir="runs/tiny", top_k=2, max_new_tokens=64, max_memory_tokens=96,
+                 eval_max_turns=5, pretrain_steps=300, warm_steps=2400, group_size=8, questions_per_step=16,
+                 steps=30, lr=3e-4, kl_coef=0.0, updates_per_step=1, micro_batch_tokens=8192, logprob_chunk=1024,
+                 eval_every=15, save_every=0),
 }
 
 
@@ -347,7 +347,7 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
             generate_fn=generate):
     """Run every question to the end -> one trajectory (see new_trajectory) per question, in order.
 
-    generate_fn has generate()'s signature; --compare passes a scripted policy through it.
+    generate_fn has generate()'s signature: docs/measure.py and the tests pass scripted policies through it.
     """
     max_turns = max_turns or cfg.max_turns
     workflow = workflow or cfg.workflow
@@ -508,9 +508,8 @@ def token_logprobs(model, ids, attention, mask, chunk, temperature=1.0):
     A [B, T, V] logits tensor would be huge (16 x 1024 x 151,936 fp32 = 10 GB), and we only need the log-prob
     of one token per position, at the positions we train. So: run the transformer body once, keep the hidden
     states that predict a sampled token ([N, H]), and push them through the output layer `chunk` rows at a
-    time. When gradients flow, each chunk is checkpointed, so backward recomputes its [chunk, V] logits
-    instead of storing them. The peak is a few [chunk, V] fp32 tensors (logits, softmax, their gradients):
-    `python memsearcher.py --logprob-memory` measures it.
+    time. When gradients flow and the logits would be big, each chunk is checkpointed: backward recomputes its
+    [chunk, V] logits instead of storing them (`python docs/measure.py logprob-memory` measures the peak).
     """
     hidden = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
     predicts = mask[:, 1:].bool()                                           # [B, T-1] position t predicts t+1
@@ -522,8 +521,7 @@ def token_logprobs(model, ids, attention, mask, chunk, temperature=1.0):
         logits = head(h_chunk).float() / temperature                        # [n, V] fp32 for a stable softmax
         return logits.gather(1, t_chunk[:, None]).squeeze(1) - logits.logsumexp(dim=1)   # [n]
 
-    # Checkpoint the chunks only when all the logits at once would be big: recomputing them in backward costs
-    # a second pass through the output layer, a waste for the tiny model.
+    # Recomputing costs a second pass through the output layer: a waste when the logits are small (--tiny).
     recompute = torch.is_grad_enabled() and len(targets) * head.out_features * 4 > RECOMPUTE_LOGITS_ABOVE_BYTES
     parts = []
     for i in range(0, len(targets), chunk):
@@ -658,55 +656,6 @@ def load_policy(path, device):
     return model, tokenizer
 
 
-# The paper's table: EM per benchmark, in this order, then the average over benchmarks. A test file is named
-# by its folder when the file name is only a split (FlashRAG ships nq/test.jsonl, hotpotqa/dev.jsonl, ...).
-PAPER_BENCHMARKS = {"nq": "NQ", "triviaqa": "TriviaQA", "popqa": "PopQA", "hotpotqa": "HotpotQA",
-                    "2wikimultihopqa": "2Wiki", "2wiki": "2Wiki", "musique": "MuSiQue", "bamboogle": "Bamboogle"}
-
-
-def benchmark_name(path):
-    """'data/nq/test.jsonl' -> 'NQ'; 'my_questions.jsonl' -> 'my_questions'."""
-    path = Path(path)
-    name = path.parent.name if path.stem.lower() in {"train", "dev", "test", "val", "validation"} else path.stem
-    key = re.sub(r"[_\-.](train|dev|test|val|validation)$", "", name.lower())
-    return PAPER_BENCHMARKS.get(key, name)
-
-
-def load_questions(path):
-    """FlashRAG question JSONL -> list of dicts; a bad line stops with file:line and what to fix.
-
-    Each question is tagged with its benchmark ("source", from the file's name) for per-benchmark EM.
-    """
-    questions, first_line_of = [], {}
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{where}: not UTF-8 ({err.reason} at byte {err.start})") from err
-            if not line.strip():
-                continue
-            try:
-                q = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg})") from err
-            if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
-                raise ValueError(f"{where}: each line needs a non-empty string field \"question\"")
-            gold = q.get("golden_answers")
-            if not isinstance(gold, list) or not gold or not all(isinstance(g, str) for g in gold):
-                raise ValueError(f"{where}: \"golden_answers\" must be a non-empty list of strings")
-            q.setdefault("id", where)
-            if q["id"] in first_line_of:
-                raise ValueError(f"{where}: duplicate id {q['id']!r} (first on line {first_line_of[q['id']]})")
-            first_line_of[q["id"]] = lineno
-            q["source"] = benchmark_name(path)
-            questions.append(q)
-    if not questions:
-        raise ValueError(f"{path}: no questions in the file")
-    return questions
-
-
 def memory_keeping(trajs):
     """Share of memory updates that keep what the search just found.
 
@@ -731,7 +680,8 @@ def summarize(trajs):
     n = len(trajs)
     per_type, per_source = defaultdict(list), defaultdict(list)
     for t in trajs:
-        per_type[t["question"].get("type", "all")].append(t["reward"])
+        if t["question"].get("type") is not None:
+            per_type[str(t["question"]["type"])].append(t["reward"])
         per_source[t["question"].get("source", "all")].append(t["reward"])
     max_turns = max(len(t["context_tokens"]) for t in trajs)
     context = [[t["context_tokens"][i] for t in trajs if len(t["context_tokens"]) > i] for i in range(max_turns)]
@@ -926,20 +876,29 @@ def train_and_evaluate(cfg, initial):
 
 
 def report(before, after):
-    """EM per question type and memory keeping before and after GRPO, and one test question both times."""
+    """EM per question type and memory keeping before and after GRPO, how many test questions GRPO turned right
+    and wrong, and one that it turned from wrong to right, turn by turn both times."""
     (m1, t1), (m2, t2) = before or (None, None), after
-    if before:
-        print(f"\n{'':24}{'before GRPO':>12}{'after GRPO':>12}")
-        for k in m2["em_by_type"]:
-            print(f"{'EM ' + k:24}{m1['em_by_type'][k]:12.3f}{m2['em_by_type'][k]:12.3f}")
-        print(f"{'EM all':24}{m1['em']:12.3f}{m2['em']:12.3f}")
-        if m2["memory_keeping"] is not None:
-            print(f"{'memory keeping':24}{m1['memory_keeping']:12.3f}{m2['memory_keeping']:12.3f}")
-    multi_hop = [i for i, t in enumerate(t2) if len(t["question"].get("support", [])) > 1]
-    i = multi_hop[0] if multi_hop else 0
-    if before:
-        print("\nA test question before GRPO:\n" + format_trajectory(t1[i]))
-    print("\nA test question after GRPO:\n" + format_trajectory(t2[i]))
+    if before is None:                                   # a resumed run has no evaluation from before GRPO
+        print(f"\nafter GRPO: EM {m2['em']:.3f}  by type {format_scores(m2['em_by_type'])}")
+        return
+    print(f"\n{'':24}{'before GRPO':>12}{'after GRPO':>12}")
+    for k in m2["em_by_type"]:
+        print(f"{'EM ' + k:24}{m1['em_by_type'][k]:12.3f}{m2['em_by_type'][k]:12.3f}")
+    print(f"{'EM all':24}{m1['em']:12.3f}{m2['em']:12.3f}")
+    if m2["memory_keeping"] is not None:
+        print(f"{'memory keeping':24}{m1['memory_keeping']:12.3f}{m2['memory_keeping']:12.3f}")
+    fixed = [i for i, (a, b) in enumerate(zip(t1, t2)) if a["reward"] < b["reward"]]
+    broken = [i for i, (a, b) in enumerate(zip(t1, t2)) if a["reward"] > b["reward"]]
+    print(f"\nGRPO turned {len(fixed)} of {len(t2)} test questions from wrong to right and {len(broken)} from right "
+          "to wrong.")
+    if fixed:      # the one with the longest hop chain, where memory matters most
+        i = max(fixed, key=lambda i: len(t2[i]["question"].get("support", [])))
+    else:
+        i = 0
+        print("(none went from wrong to right: here is the first test question)")
+    print("\nThe same test question before GRPO:\n" + format_trajectory(t1[i]))
+    print("\nand after GRPO:\n" + format_trajectory(t2[i]))
 
 
 def format_scores(d):
@@ -985,27 +944,12 @@ def parse_args(argv=None):
 
 def check_config(cfg):
     """Refuse settings that cannot work, before any work, naming the flag to fix."""
-    def refuse(name, problem):
-        raise SystemExit(f"--{name.replace('_', '-')} {problem} (got {getattr(cfg, name)!r})")
-
-    for name in ["group_size", "questions_per_step", "updates_per_step", "micro_batch_tokens", "logprob_chunk",
-                 "max_turns", "eval_max_turns", "max_new_tokens", "max_memory_tokens", "top_k", "max_passage_chars"]:
-        if getattr(cfg, name) < 1:
-            refuse(name, "must be at least 1")
-    for name in ["steps", "lr", "kl_coef", "clip_eps", "eval_every", "eval_n", "save_every", "print_every",
-                 "pretrain_steps", "warm_steps", "retriever_retries"]:
-        if getattr(cfg, name) < 0:
-            refuse(name, "must not be negative")
-    for name in ["temperature", "retriever_timeout"]:
-        if getattr(cfg, name) <= 0:
-            refuse(name, "must be positive")
-    for name in ["expert_forget", "expert_early"]:
-        if not 0 <= getattr(cfg, name) <= 1:
-            refuse(name, "is a probability: between 0 and 1")
-    if cfg.dual_clip <= 1:
-        refuse("dual_clip", "must be greater than 1")
+    for f in fields(Config):
+        value, must_be = getattr(cfg, f.name), f.metadata["must_be"]
+        if must_be and not CHECKS[must_be](value):
+            raise SystemExit(f"--{f.name.replace('_', '-')} must be {must_be} (got {value})")
     if cfg.workflow not in WORKFLOWS:
-        refuse("workflow", f"must be one of {', '.join(WORKFLOWS)}")
+        raise SystemExit(f"--workflow must be one of {', '.join(WORKFLOWS)} (got {cfg.workflow!r})")
     if cfg.model != "tiny" and (cfg.pretrain_steps or cfg.warm_steps):
         raise SystemExit("--pretrain-steps and --warm-steps warm-start the tiny model (--model tiny); another "
                          "model starts from what it already knows: set them to 0")

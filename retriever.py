@@ -79,19 +79,35 @@ def split_contents(contents: str) -> tuple[str, str]:
     return title.strip(), text.strip()
 
 
-def parse_corpus_line(raw: bytes, where: str) -> dict:
-    """One JSONL line -> {"id", "title", "text"}; `where` prefixes errors."""
+def read_jsonl(path, what: str):
+    """Yield (where, object) for each non-blank line of a JSONL file, where = "path:line". A bad line stops
+    with "path:line: what is wrong". Windows editors often save UTF-8 with a byte-order mark: json.loads
+    would call it invalid JSON, and it can only be the file's first bytes, so it is dropped from line 1."""
     try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not valid UTF-8 ({e}); re-encode the file as UTF-8") from None
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e}); each line must be one JSON object") from None
-    if not isinstance(row, dict):
-        raise ValueError(  # noqa: TRY004 (every bad corpus line is a ValueError)
-            f"{where}: expected a JSON object like {{\"id\": ..., \"contents\": ...}}")
+        with open(path, "rb") as f:  # bytes, so a bad encoding is reported per line
+            raw_lines = f.read().split(b"\n")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file not found: {path}") from None
+    raw_lines[0] = raw_lines[0].removeprefix(codecs.BOM_UTF8)
+    for lineno, raw in enumerate(raw_lines, start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 ({e}); re-encode the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")  # noqa: TRY004
+        yield where, row
+
+
+def parse_corpus_row(row: dict, where: str) -> dict:
+    """One corpus object -> {"id", "title", "text"}; `where` prefixes errors."""
     if not isinstance(row.get("contents"), str) or not row["contents"].strip():
         raise ValueError(f"{where}: missing or empty \"contents\" (expected \"Title\\ntext\")")
     if not isinstance(row.get("id"), (str, int)) or isinstance(row["id"], bool) or row["id"] == "":
@@ -102,29 +118,60 @@ def parse_corpus_line(raw: bytes, where: str) -> dict:
 
 def load_corpus(path) -> list[dict]:
     """Read a FlashRAG corpus JSONL into [{"id", "title", "text"}, ...].
-    Blank lines are skipped, a UTF-8 byte-order mark at the start of the file
-    is ignored; any bad line raises ValueError("path:line: ...")."""
-    try:
-        with open(path, "rb") as f:  # bytes, so a bad encoding is reported per line
-            raw_lines = f.read().split(b"\n")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"corpus file not found: {path}") from None
-    # Windows editors often save "UTF-8" with a BOM; json.loads would call it
-    # invalid JSON. It can only be the file's first bytes, so only line 1.
-    raw_lines[0] = raw_lines[0].removeprefix(codecs.BOM_UTF8)
+    Blank lines are skipped; any bad line raises ValueError("path:line: ...")."""
     docs, seen = [], {}
-    for lineno, raw in enumerate(raw_lines, start=1):
-        if not raw.strip():
-            continue
-        doc = parse_corpus_line(raw, f"{path}:{lineno}")
+    for where, row in read_jsonl(path, "corpus"):
+        doc = parse_corpus_row(row, where)
         if doc["id"] in seen:
-            raise ValueError(f"{path}:{lineno}: duplicate id {doc['id']!r} "
+            raise ValueError(f"{where}: duplicate id {doc['id']!r} "
                              f"(first seen on line {seen[doc['id']]}); ids must be unique")
-        seen[doc["id"]] = lineno
+        seen[doc["id"]] = where.rsplit(":", 1)[1]
         docs.append(doc)
     if not docs:
         raise ValueError(f"{path}: the corpus contains no passages")
     return docs
+
+
+# The paper's table: EM per benchmark, in this order. A question file is named by its folder when its own
+# name is only a split (FlashRAG ships nq/test.jsonl, hotpotqa/dev.jsonl, ...).
+PAPER_BENCHMARKS = {"nq": "NQ", "triviaqa": "TriviaQA", "popqa": "PopQA", "hotpotqa": "HotpotQA",
+                    "2wikimultihopqa": "2Wiki", "2wiki": "2Wiki", "musique": "MuSiQue", "bamboogle": "Bamboogle"}
+
+
+def benchmark_name(path) -> str:
+    """'data/nq/test.jsonl' -> 'NQ'; 'my_questions.jsonl' -> 'my_questions'."""
+    path = Path(path)
+    name = path.parent.name if path.stem.lower() in {"train", "dev", "test", "val", "validation"} else path.stem
+    key = re.sub(r"[_\-.](train|dev|test|val|validation)$", "", name.lower())
+    return PAPER_BENCHMARKS.get(key, name)
+
+
+def load_questions(path) -> list[dict]:
+    """Read a FlashRAG question JSONL ({"id", "question", "golden_answers", ...} per line) into a list of dicts.
+    Each is tagged with its benchmark ("source", from the file's name) for per-benchmark EM, and its question
+    type, if any, is a string under "type" (FlashRAG keeps it in "metadata"). Bad lines raise ValueError."""
+    questions, seen = [], {}
+    for where, q in read_jsonl(path, "question"):
+        if not isinstance(q.get("question"), str) or not q["question"].strip():
+            raise ValueError(f"{where}: each line needs a non-empty string field \"question\"")
+        gold = q.get("golden_answers")
+        if not isinstance(gold, list) or not gold or not all(isinstance(g, str) for g in gold):
+            raise ValueError(f"{where}: \"golden_answers\" must be a non-empty list of strings")
+        q.setdefault("id", where)
+        if q["id"] in seen:
+            raise ValueError(f"{where}: duplicate id {q['id']!r} (first on line {seen[q['id']]})")
+        seen[q["id"]] = where.rsplit(":", 1)[1]
+        metadata = q.get("metadata") if isinstance(q.get("metadata"), dict) else {}
+        kind = q.get("type", metadata.get("type"))
+        if kind is None:
+            q.pop("type", None)
+        else:
+            q["type"] = str(kind)
+        q["source"] = benchmark_name(path)
+        questions.append(q)
+    if not questions:
+        raise ValueError(f"{path}: no questions in the file")
+    return questions
 
 
 # --------------------------------------------------------- passage cap ---

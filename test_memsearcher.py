@@ -564,7 +564,7 @@ def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
         sampled.extend(ids for ids, _, _ in out)
         return out
 
-    questions = ms.load_questions(cfg.test_file[0])[:12]
+    questions = r.load_questions(cfg.test_file[0])[:12]
     trajs = ms.rollout(model, tokenizer, searcher, questions, cfg, generate_fn=spy)
     assert sampled
     assert any(len(t["convs"]) >= 2 for t in trajs), "want multi-turn trajectories to check"
@@ -600,7 +600,7 @@ def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
 @pytest.mark.slow
 def test_rollout_counts_every_stop_reason(formatted):
     cfg, model, tokenizer, searcher = formatted
-    questions = ms.load_questions(cfg.test_file[0])[:16]
+    questions = r.load_questions(cfg.test_file[0])[:16]
     short = tiny_config(cfg.output_dir, max_turns=2, max_new_tokens=12)
     trajs = ms.rollout(model, tokenizer, searcher, questions, short)
     stops = ms.summarize(trajs)["stops"]
@@ -615,7 +615,7 @@ def test_rollout_counts_every_stop_reason(formatted):
 
 def scripted_rollout(tiny, searcher, workflow, searches, n=12, turns=8):
     cfg, model, tokenizer = tiny
-    questions = ms.load_questions(cfg.test_file[0])[:n]
+    questions = r.load_questions(cfg.test_file[0])[:n]
     policy = measure.scripted_policy(questions, searches)
     return ms.rollout(model, tokenizer, searcher, questions, tiny_config(cfg.output_dir), greedy=True,
                       max_turns=turns, workflow=workflow, generate_fn=policy), tokenizer
@@ -780,8 +780,8 @@ def test_a_new_run_keeps_the_old_metrics_log(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--group-size", "0"], "--group-size must be at least 1"),
-    (["--lr", "-1"], "--lr must not be negative"),
-    (["--expert-forget", "1.5"], "--expert-forget is a probability"),
+    (["--lr", "-1"], "--lr must be at least 0"),
+    (["--expert-forget", "1.5"], "--expert-forget must be between 0 and 1"),
     (["--workflow", "chain"], "--workflow must be one of memsearcher, react"),
     (["--tiny", "--workflow", "react"], "--warm-steps imitates a MemSearcher expert"),
     (["--corpus", "nope.jsonl"], "--corpus: no such file"),
@@ -799,7 +799,7 @@ def test_bad_flags_name_the_flag(args, message, capsys):
     ("musique_dev.jsonl", "MuSiQue"), ("Bamboogle-test.jsonl", "Bamboogle"), ("my_questions.jsonl", "my_questions"),
 ])
 def test_benchmark_name_from_file(path, name):
-    assert ms.benchmark_name(path) == name
+    assert r.benchmark_name(path) == name
 
 
 def test_repeated_test_files_give_em_per_benchmark_and_their_average(tmp_path):
@@ -826,7 +826,7 @@ def test_question_file_that_is_not_utf8_names_the_line(tmp_path):
     path.write_bytes(b'{"question": "ok?", "golden_answers": ["a"]}\n'
                      b'{"question": "caf\xe9?", "golden_answers": ["a"]}\n')             # Latin-1, not UTF-8
     with pytest.raises(ValueError, match=f"^{path}:2: not UTF-8"):
-        ms.load_questions(path)
+        r.load_questions(path)
 
 
 def test_duplicate_question_ids_name_both_lines(tmp_path):
@@ -835,7 +835,7 @@ def test_duplicate_question_ids_name_both_lines(tmp_path):
                     '{"id": "y", "question": "b?", "golden_answers": ["b"]}\n'
                     '{"id": "x", "question": "c?", "golden_answers": ["c"]}\n')
     with pytest.raises(ValueError, match=f"^{path}:3: duplicate id 'x' \\(first on line 1\\)"):
-        ms.load_questions(path)
+        r.load_questions(path)
 
 
 def test_retriever_url_serves_the_rollout_one_request_per_turn(tiny, searcher):
@@ -890,7 +890,7 @@ def test_bad_question_lines_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "q.jsonl"
     path.write_text('{"question": "ok?", "golden_answers": ["a"]}\n' + line + "\n")
     with pytest.raises(ValueError, match=message) as error:
-        ms.load_questions(path)
+        r.load_questions(path)
     assert str(error.value).startswith(f"{path}:2: ")
 
 
@@ -904,7 +904,7 @@ def test_world_generator_is_deterministic_and_matches_committed_files(tmp_path):
 
 def test_world_questions_are_answerable_and_reachable_by_bm25(searcher):
     corpus = {json.loads(line)["id"]: json.loads(line)["contents"] for line in open(ROOT / "data" / "corpus.jsonl")}
-    train, test = ms.load_questions(ROOT / "data" / "train.jsonl"), ms.load_questions(ROOT / "data" / "test.jsonl")
+    train, test = r.load_questions(ROOT / "data" / "train.jsonl"), r.load_questions(ROOT / "data" / "test.jsonl")
     assert len(train) >= 2000 and len(test) >= 300
     assert not {q["question"] for q in train} & {q["question"] for q in test}
     assert {q["type"] for q in test} == {"1-hop", "2-hop bridge", "3-hop bridge", "comparison"}
