@@ -39,17 +39,15 @@ Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM):
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import random
 import re
-import shutil
 import string
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +57,10 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           LogitsProcessorList)
 from transformers.utils import logging as hf_logging
 
-from retriever import (PAPER_BENCHMARKS, RetrievalError, format_hits, load_questions, local_searcher,
-                       remote_searcher)
+from retriever import (PAPER_BENCHMARKS, DataError, RetrievalError, benchmark_name, format_hits, load_questions,
+                       local_searcher, remote_searcher)
+from runs import (latest_checkpoint, log_metrics, open_run, read_metrics, restore_trainer_state, rng_states,
+                  save_checkpoint)
 
 DATA = Path(__file__).parent / "data"
 
@@ -691,6 +691,8 @@ def summarize(trajs):
             "em_by_benchmark": {k: sum(v) / len(v) for k, v in per_source.items()},
             "turns": sum(len(t["turns"]) for t in trajs) / n,
             "context_tokens_per_turn": [round(sum(c) / len(c), 1) for c in context],
+            "context_tokens_max": [max(c) for c in context],
+            "processed_tokens": sum(t["processed_tokens"] for t in trajs) / n,
             "sampled_tokens": sum(sampled) / n,
             "answered": sum(t["answer"] is not None for t in trajs) / n,
             "memory_keeping": memory_keeping(trajs),
@@ -703,108 +705,6 @@ def evaluate(model, tokenizer, search, questions, cfg):
     return summarize(trajs), trajs
 
 
-def benchmark_table(em_by_benchmark):
-    """EM per benchmark in the paper's column order (others after, in file order), and their average."""
-    order = list(dict.fromkeys(PAPER_BENCHMARKS.values()))
-    names = sorted(em_by_benchmark, key=lambda k: order.index(k) if k in order else len(order))
-    cells = [(k, em_by_benchmark[k]) for k in names]
-    cells.append(("Avg", sum(em_by_benchmark.values()) / len(em_by_benchmark)))
-    width = max(9, *(len(k) + 2 for k, _ in cells))
-    return "".join(f"{k:>{width}}" for k, _ in cells) + "\n" + "".join(f"{v:>{width}.3f}" for _, v in cells)
-
-
-def format_trajectory(t):
-    """A whole trajectory, memory turn by turn, for the log."""
-    q = t["question"]
-    lines = [f"Q: {q['question']}   gold: {q['golden_answers']}"]
-    for i, turn in enumerate(t["turns"], 1):
-        lines.append(f"  turn {i} | memory: {turn['memory_before'] or '(empty)'}")
-        lines.append(f"         | action: {turn.get('action', '').strip()}")
-        if "hits" in turn:
-            lines.append(f"         | found:  {' / '.join(h['title'] for h in turn['hits'])}")
-        if "memory_output" in turn:
-            lines.append(f"         | wrote:  {turn['memory_output'].strip()}")
-    lines.append(f"  -> {t['stop']}, answer {t['answer']!r}, reward {t['reward']}")
-    return "\n".join(lines)
-
-
-def save_model(model, tokenizer, final, trainer_state=None):
-    """save_pretrained into a temporary folder, renamed to `final` when complete: never half a model."""
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
-def save_checkpoint(model, tokenizer, optimizer, step, cfg):
-    """output_dir/checkpoint-NNNNNN (model, tokenizer, optimizer, RNG states), then the `latest` pointer."""
-    out = Path(cfg.output_dir)
-    final = save_model(model, tokenizer, out / f"checkpoint-{step:06d}", {
-        "step": step, "optimizer": optimizer.state_dict(), "config": asdict(cfg),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}})
-    write_atomic(out / "latest", final.name)
-    for old in out.glob("checkpoint-*"):                  # keep only the newest checkpoint
-        if old != final:
-            shutil.rmtree(old)
-    return final
-
-
-def write_atomic(path, text):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(output_dir):
-    pointer = Path(output_dir) / "latest"
-    if not pointer.exists():
-        raise SystemExit(f"--resume: no checkpoint in {output_dir} (no 'latest' file there)")
-    return Path(output_dir) / pointer.read_text().strip()
-
-
-def restore_trainer_state(optimizer, checkpoint):
-    state = torch.load(Path(checkpoint) / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    return state["step"]
-
-
-def log_metrics(cfg, record):
-    with open(Path(cfg.output_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def load_data(cfg):
-    """The training and test questions (--eval-n per test file) and the search engine -> (train, test, search)."""
-    train_qs = [q for path in cfg.train_file for q in load_questions(path)]
-    test_qs = [q for path in cfg.test_file for q in load_questions(path)[:cfg.eval_n or None]]
-    if cfg.retriever_url:
-        search = remote_searcher(cfg.retriever_url, cfg.retriever_timeout, cfg.retriever_retries,
-                                 max_chars=cfg.max_passage_chars)
-    else:
-        search = local_searcher(cfg.corpus, max_chars=cfg.max_passage_chars)
-    return train_qs, test_qs, search
-
-
-def prepare_output_dir(cfg):
-    """The run's folder. A new run keeps an earlier run's metrics.jsonl under a dated name."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume and (out / "metrics.jsonl").exists():
-        old = out / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-        os.replace(out / "metrics.jsonl", old)
-        print(f"{out / 'metrics.jsonl'} is from an earlier run: moved to {old}")
-    return out
-
-
 def train_and_evaluate(cfg, initial):
     """The whole run: GRPO from the policy saved at `initial` (also the KL reference), with an evaluation before,
     every --eval-every steps and after, a checkpoint every --save-every steps and at the end."""
@@ -812,9 +712,8 @@ def train_and_evaluate(cfg, initial):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = prepare_output_dir(cfg)
     train_qs, test_qs, search = load_data(cfg)
-    start = 0
+    out, start, lock = open_run(cfg)                       # lock: held until the run ends
     model, tokenizer = load_policy(str(latest_checkpoint(out)) if cfg.resume else initial, device)
     ref_model = None
     if cfg.kl_coef > 0:
@@ -826,53 +725,111 @@ def train_and_evaluate(cfg, initial):
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.resume:
-        start = restore_trainer_state(optimizer, latest_checkpoint(out))
+        restore_trainer_state(optimizer, latest_checkpoint(out))
         print(f"resumed from {latest_checkpoint(out)} at step {start}")
-    else:
-        log_metrics(cfg, {"step": 0, "initial_policy": initial})
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}")
+    evaluated = {r["step"] for r in read_metrics(out) if "eval" in r}   # a resumed run does not evaluate twice
 
     def run_eval(step):
         t0 = time.time()
         metrics, trajs = evaluate(model, tokenizer, search, test_qs, cfg)
-        log_metrics(cfg, {"step": step, "eval": metrics, "eval_s": round(time.time() - t0, 1)})
-        keeping = metrics["memory_keeping"]
-        tqdm.write(f"[eval step {step}] EM {metrics['em']:.3f}  by type {format_scores(metrics['em_by_type'])}  "
-                   f"turns {metrics['turns']:.2f}  memory keeping {'-' if keeping is None else f'{keeping:.3f}'}"
-                   f"  stops {metrics['stops']}")
-        if len(cfg.test_file) > 1:
-            tqdm.write(benchmark_table(metrics["em_by_benchmark"]))
+        log_metrics(out, {"step": step, "eval": metrics, "eval_s": round(time.time() - t0, 1)})
+        tqdm.write(format_eval(step, metrics, per_benchmark=len(cfg.test_file) > 1))
         return metrics, trajs
 
-    before = run_eval(0) if start == 0 else None
+    before = run_eval(0) if 0 not in evaluated else None
     bar = tqdm(range(start, cfg.steps), desc="GRPO", unit="step", initial=start, total=cfg.steps)
-    done = start                                           # optimizer steps taken so far
+    done, silent, rng = start, 0, rng_states()             # steps taken; steps in a row with no mixed group
     try:
         for step in bar:
+            rng = rng_states()                             # a step that fails is taken again on --resume
             trajs, stats = grpo_step(model, ref_model, optimizer, tokenizer, search, train_qs, cfg)
             done = step + 1
             metrics = summarize(trajs)
             tokens_per_s = metrics["sampled_tokens"] * len(trajs) / stats["rollout_s"]
-            log_metrics(cfg, {"step": done, **stats, **{k: metrics[k] for k in ["turns", "sampled_tokens",
+            log_metrics(out, {"step": done, **stats, **{k: metrics[k] for k in ["turns", "sampled_tokens",
                               "answered", "stops", "context_tokens_per_turn"]},
                               "sampled_tokens_per_s": round(tokens_per_s, 1)})
             bar.set_postfix(reward=f"{stats['reward']:.3f}", mixed=f"{stats['mixed_groups']:.2f}")
+            silent = silent + 1 if stats["mixed_groups"] == 0 and cfg.group_size > 1 else 0
+            if silent == 3:
+                tqdm.write(NO_SIGNAL.format(reward=stats["reward"]))
             if cfg.print_every and done % cfg.print_every == 0:
                 tqdm.write(f"[step {done}] " + format_trajectory(trajs[0]))
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 run_eval(done)
             if cfg.save_every and done % cfg.save_every == 0:
-                save_checkpoint(model, tokenizer, optimizer, done, cfg)
+                save_checkpoint(model, tokenizer, optimizer, done, out)
     except RetrievalError as err:
         # A retrieval server that stays down must not cost the run: keep what was learned, say how to go on.
-        path = save_checkpoint(model, tokenizer, optimizer, done, cfg)
+        path = save_checkpoint(model, tokenizer, optimizer, done, out, rng)
         raise SystemExit(f"{err}\nStopped: saved {path} after {done} steps. When the server is back, rerun the "
                          "same command with --resume.") from err
-    path = save_checkpoint(model, tokenizer, optimizer, cfg.steps, cfg)
+    if done > start or not cfg.resume:
+        save_checkpoint(model, tokenizer, optimizer, cfg.steps, out)
+    if cfg.steps in evaluated:
+        print(f"the run in {out} is complete: its final evaluation is in {out / 'metrics.jsonl'}")
+        return None
     after = run_eval(cfg.steps)
-    print(f"saved {path}; metrics in {out / 'metrics.jsonl'} (plot them: python docs/measure.py curves {out})")
+    print(f"metrics in {out / 'metrics.jsonl'} (plot them: python docs/measure.py curves {out})")
     report(before, after)
     return after[0]
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        initial = cfg.model
+        if cfg.model == "tiny":
+            from data.warm_start import tiny_policy      # a teaching aid, outside the method: see its docstring
+            initial = tiny_policy(cfg)
+        return train_and_evaluate(cfg, initial)
+    except (DataError, RetrievalError) as err:          # the user can fix these: the message says how
+        if os.environ.get("MEMSEARCHER_TRACEBACK"):
+            raise
+        raise SystemExit(f"memsearcher.py: {err}\n(MEMSEARCHER_TRACEBACK=1 shows where it came from)") from None
+
+
+# ===========================================================================================================
+# Appendix: plumbing, not the method. The data and the search engine, printing, the command line. The run
+# folder (one run at a time, resumable, nothing lost or written twice) is runs.py.
+
+def load_data(cfg):
+    """The training and test questions (--eval-n per test file) and the search engine -> (train, test, search)."""
+    train_qs = [q for path in cfg.train_file for q in load_questions(path)]
+    test_qs, names = [], [benchmark_name(path) for path in cfg.test_file]
+    for path, name in zip(cfg.test_file, names):
+        questions = load_questions(path)[:cfg.eval_n or None]
+        for q in questions:                  # two files of one benchmark name: told apart by their folders
+            q["source"] = f"{name} ({Path(path).parent})" if names.count(name) > 1 else name
+        test_qs += questions
+    if cfg.retriever_url:
+        search = remote_searcher(cfg.retriever_url, cfg.retriever_timeout, cfg.retriever_retries,
+                                 max_chars=cfg.max_passage_chars)
+    else:
+        search = local_searcher(cfg.corpus, max_chars=cfg.max_passage_chars)
+    return train_qs, test_qs, search
+
+
+NO_SIGNAL = ("warning: 3 steps in a row in which every group's rewards were equal (mean reward {reward:.2f}): every "
+             "advantage is 0, so GRPO learns nothing. Likely causes: the model never answers right (an untrained "
+             "or too small model, a too-hard task, a retriever that finds nothing) or always does; --group-size "
+             "too small to see both; --max-new-tokens or --max-turns too small for the format.")
+
+
+def format_trajectory(t):
+    """A whole trajectory, memory turn by turn, for the log."""
+    q = t["question"]
+    lines = [f"Q: {q['question']}   gold: {q['golden_answers']}"]
+    for i, turn in enumerate(t["turns"], 1):
+        lines.append(f"  turn {i} | memory: {turn['memory_before'] or '(empty)'}")
+        lines.append(f"         | action: {' '.join(turn.get('action', '').split())}")   # on one line
+        if "hits" in turn:
+            lines.append(f"         | found:  {' / '.join(h['title'] for h in turn['hits'])}")
+        if "memory_output" in turn:
+            lines.append(f"         | wrote:  {' '.join(turn['memory_output'].split())}")
+    lines.append(f"  -> {t['stop']}, answer {t['answer']!r}, reward {t['reward']}")
+    return "\n".join(lines)
 
 
 def report(before, after):
@@ -901,13 +858,30 @@ def report(before, after):
     print("\nand after GRPO:\n" + format_trajectory(t2[i]))
 
 
+def format_eval(step, m, per_benchmark):
+    """One evaluation for the log: EM overall and per type, turns, memory keeping, stops (and per benchmark)."""
+    keeping = "-" if m["memory_keeping"] is None else f"{m['memory_keeping']:.3f}"
+    line = (f"[eval step {step}] EM {m['em']:.3f}  by type {format_scores(m['em_by_type'])}  turns {m['turns']:.2f}"
+            f"  memory keeping {keeping}  stops {m['stops']}")
+    return line + ("\n" + benchmark_table(m["em_by_benchmark"]) if per_benchmark else "")
+
+
+def benchmark_table(em_by_benchmark):
+    """EM per benchmark in the paper's column order (others after, in file order), and their average."""
+    order = list(dict.fromkeys(PAPER_BENCHMARKS.values()))
+    names = sorted(em_by_benchmark, key=lambda k: order.index(k) if k in order else len(order))
+    cells = [(k, em_by_benchmark[k]) for k in names]
+    cells.append(("Avg", sum(em_by_benchmark.values()) / len(em_by_benchmark)))
+    width = max(9, *(len(k) + 2 for k, _ in cells))
+    return "".join(f"{k:>{width}}" for k, _ in cells) + "\n" + "".join(f"{v:>{width}.3f}" for _, v in cells)
+
+
 def format_scores(d):
     """{"1-hop": 0.8123, ...} -> "{1-hop: 0.812, ...}" for the log."""
     return "{" + ", ".join(f"{k}: {v:.3f}" for k, v in d.items()) + "}"
 
 
-# -----------------------------------------------------------------------------------------------------------
-# Command line: flags from the Config fields, checked before any work; --tiny's model comes from its warm start.
+# The command line: a flag for every Config field, checked before any work.
 
 def parse_args(argv=None):
     """Command line -> Config: a preset (--small, --tiny, or chosen by the hardware), then the flags given."""
@@ -953,24 +927,12 @@ def check_config(cfg):
     if cfg.model != "tiny" and (cfg.pretrain_steps or cfg.warm_steps):
         raise SystemExit("--pretrain-steps and --warm-steps warm-start the tiny model (--model tiny); another "
                          "model starts from what it already knows: set them to 0")
-    if cfg.workflow == "react" and cfg.warm_steps:
-        raise SystemExit("--warm-steps imitates a MemSearcher expert: use it with --workflow memsearcher, "
-                         "or set --warm-steps 0")
     files = [("train_file", p) for p in cfg.train_file] + [("test_file", p) for p in cfg.test_file]
     if not cfg.retriever_url or cfg.model == "tiny":       # the tiny model learns its tokenizer from the corpus
         files.append(("corpus", cfg.corpus))
     for name, path in files:
         if not Path(path).is_file():
             raise SystemExit(f"--{name.replace('_', '-')}: no such file: {path}")
-
-
-def main(argv=None):
-    cfg = parse_args(argv)
-    initial = cfg.model
-    if cfg.model == "tiny":
-        from data.warm_start import tiny_policy          # a teaching aid, outside the method: see its docstring
-        initial = tiny_policy(cfg)
-    train_and_evaluate(cfg, initial)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ def split_contents(contents: str) -> tuple[str, str]:
     return title.strip(), text.strip()
 
 
+class DataError(ValueError):
+    """A data file the user must fix; the message starts with "path:line:" and says what is wrong."""
+
+
 def read_jsonl(path, what: str):
     """Yield (where, object) for each non-blank line of a JSONL file, where = "path:line". A bad line stops
     with "path:line: what is wrong". Windows editors often save UTF-8 with a byte-order mark: json.loads
@@ -94,24 +98,24 @@ def read_jsonl(path, what: str):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{where}: not UTF-8 ({e}); re-encode the file as UTF-8") from None
+            raise DataError(f"{where}: not UTF-8 ({e}); re-encode the file as UTF-8") from None
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e}); each line must be one JSON object") from None
+            raise DataError(f"{where}: invalid JSON ({e}); each line must be one JSON object") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")  # noqa: TRY004
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")  # noqa: TRY004
         yield where, row
 
 
 def parse_corpus_row(row: dict, where: str) -> dict:
     """One corpus object -> {"id", "title", "text"}; `where` prefixes errors."""
     if not isinstance(row.get("contents"), str) or not row["contents"].strip():
-        raise ValueError(f"{where}: missing or empty \"contents\" (expected \"Title\\ntext\")")
+        raise DataError(f"{where}: missing or empty \"contents\" (expected \"Title\\ntext\")")
     if not isinstance(row.get("id"), (str, int)) or isinstance(row["id"], bool) or row["id"] == "":
-        raise ValueError(f"{where}: missing or empty \"id\" (expected a string or integer)")
+        raise DataError(f"{where}: missing or empty \"id\" (expected a string or integer)")
     title, text = split_contents(row["contents"])
     return {"id": str(row["id"]), "title": title, "text": text}
 
@@ -123,12 +127,12 @@ def load_corpus(path) -> list[dict]:
     for where, row in read_jsonl(path, "corpus"):
         doc = parse_corpus_row(row, where)
         if doc["id"] in seen:
-            raise ValueError(f"{where}: duplicate id {doc['id']!r} "
+            raise DataError(f"{where}: duplicate id {doc['id']!r} "
                              f"(first seen on line {seen[doc['id']]}); ids must be unique")
         seen[doc["id"]] = where.rsplit(":", 1)[1]
         docs.append(doc)
     if not docs:
-        raise ValueError(f"{path}: the corpus contains no passages")
+        raise DataError(f"{path}: the corpus contains no passages")
     return docs
 
 
@@ -149,17 +153,17 @@ def benchmark_name(path) -> str:
 def load_questions(path) -> list[dict]:
     """Read a FlashRAG question JSONL ({"id", "question", "golden_answers", ...} per line) into a list of dicts.
     Each is tagged with its benchmark ("source", from the file's name) for per-benchmark EM, and its question
-    type, if any, is a string under "type" (FlashRAG keeps it in "metadata"). Bad lines raise ValueError."""
+    type, if any, is a string under "type" (FlashRAG keeps it in "metadata"). Bad lines raise DataError."""
     questions, seen = [], {}
     for where, q in read_jsonl(path, "question"):
         if not isinstance(q.get("question"), str) or not q["question"].strip():
-            raise ValueError(f"{where}: each line needs a non-empty string field \"question\"")
+            raise DataError(f"{where}: each line needs a non-empty string field \"question\"")
         gold = q.get("golden_answers")
         if not isinstance(gold, list) or not gold or not all(isinstance(g, str) for g in gold):
-            raise ValueError(f"{where}: \"golden_answers\" must be a non-empty list of strings")
+            raise DataError(f"{where}: \"golden_answers\" must be a non-empty list of strings")
         q.setdefault("id", where)
         if q["id"] in seen:
-            raise ValueError(f"{where}: duplicate id {q['id']!r} (first on line {seen[q['id']]})")
+            raise DataError(f"{where}: duplicate id {q['id']!r} (first on line {seen[q['id']]})")
         seen[q["id"]] = where.rsplit(":", 1)[1]
         metadata = q.get("metadata") if isinstance(q.get("metadata"), dict) else {}
         kind = q.get("type", metadata.get("type"))
@@ -170,7 +174,7 @@ def load_questions(path) -> list[dict]:
         q["source"] = benchmark_name(path)
         questions.append(q)
     if not questions:
-        raise ValueError(f"{path}: no questions in the file")
+        raise DataError(f"{path}: no questions in the file")
     return questions
 
 
@@ -376,8 +380,9 @@ def post_json(url: str, payload: dict, timeout: float, retries: int, backoff: fl
     silence); HTTP 4xx (our request is wrong) fails at once."""
     request = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
+    problem = None  # what went wrong in the previous attempt
     for attempt in range(max(retries, 0) + 1):
-        if attempt:  # `problem` is the previous attempt's
+        if attempt:
             delay = backoff * 2 ** (attempt - 1)
             print(f"retrieval server {url}: {problem}; retry {attempt} of {retries} in {delay:g} s",
                   file=sys.stderr, flush=True)

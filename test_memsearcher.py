@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python -m pytest -q
 """
+import codecs
 import copy
 import http.server
 import json
@@ -30,6 +31,7 @@ import data.warm_start as warm
 import docs.measure as measure
 import memsearcher as ms
 import retriever as r
+import runs
 from retriever import local_searcher
 
 ROOT = Path(__file__).parent
@@ -91,7 +93,7 @@ def learned(tmp_path_factory):
 def formatted(learned):
     """The tiny model after the learning run: it writes the format and takes several turns."""
     cfg, _, _ = learned
-    model, tokenizer = ms.load_policy(str(ms.latest_checkpoint(cfg.output_dir)), torch.device("cpu"))
+    model, tokenizer = ms.load_policy(str(runs.latest_checkpoint(cfg.output_dir)), torch.device("cpu"))
     return cfg, model, tokenizer, local_searcher(cfg.corpus, show_progress=False)
 
 
@@ -407,15 +409,15 @@ def test_padded_rows_get_the_same_logprobs_as_alone(tiny):
 
     def logprobs(batch):
         ids, attention, mask, _ = ms.collate(batch, tokenizer.pad_token_id, model.device)
-        assert mask.tolist() == [r["mask"] + [0] * (ids.shape[1] - len(r["mask"])) for r in batch]
+        assert mask.tolist() == [row["mask"] + [0] * (ids.shape[1] - len(row["mask"])) for row in batch]
         with torch.no_grad():
             return ms.token_logprobs(model, ids, attention, mask, chunk=4)
 
     together = logprobs(rows)
-    for i, r in enumerate(rows):
-        alone = logprobs([r])[0]
-        assert torch.allclose(together[i, :len(r["ids"])], alone, atol=1e-5)
-        assert (alone != 0).tolist() == [False] + [bool(m) for m in r["mask"][1:]]
+    for i, row in enumerate(rows):
+        alone = logprobs([row])[0]
+        assert torch.allclose(together[i, :len(row["ids"])], alone, atol=1e-5)
+        assert (alone != 0).tolist() == [False] + [bool(m) for m in row["mask"][1:]]
 
 
 def test_small_update_with_qwen_vocabulary_kl_and_two_updates(tiny, monkeypatch):
@@ -455,6 +457,36 @@ def test_small_update_with_qwen_vocabulary_kl_and_two_updates(tiny, monkeypatch)
     assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
     after = [logp(r) for r in rows]
     assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_grpo_step_groups_G_copies_and_gives_every_conversation_its_advantage(tiny, searcher, monkeypatch):
+    cfg, model, tokenizer = tiny
+    seen = {}
+
+    def scripted_rollout(model, tokenizer, search, questions, cfg):      # 1-3 conversations, rewards 0 1 0 1 ...
+        seen["questions"] = questions
+        return [{**ms.new_trajectory(q), "reward": float(i % 2),
+                 "convs": [{"ids": [7, i, turn], "mask": [0, 1, 1]} for turn in range(1 + i % 3)]}
+                for i, q in enumerate(questions)]
+
+    monkeypatch.setattr(ms, "rollout", scripted_rollout)
+    monkeypatch.setattr(ms, "train_on_rows", lambda model, ref, opt, rows, cfg, pad: seen.update(rows=rows) or {})
+    trajs, stats = ms.grpo_step(model, None, None, tokenizer, searcher, r.load_questions(cfg.test_file[0]),
+                                tiny_config(cfg.output_dir, group_size=4, questions_per_step=3))
+    ids = [q["id"] for q in seen["questions"]]
+    assert len(set(ids)) == 3 and ids == [i for i in ids[::4] for _ in range(4)]     # G copies, consecutively
+    advantages = ms.group_advantages([t["reward"] for t in trajs], 4)
+    assert advantages.abs().min() > 0
+    assert [(row["ids"], row["adv"]) for row in seen["rows"]] == \
+        [(c["ids"], float(a)) for t, a in zip(trajs, advantages) for c in t["convs"]]
+    assert (stats["reward"], stats["mixed_groups"]) == (0.5, 1.0)
+
+
+def test_every_broken_variant_in_docs_mutants_applies_to_the_current_code():
+    import docs.mutants as mutants
+    source = (ROOT / "memsearcher.py").read_text()
+    for name, replacements in mutants.MUTANTS:
+        assert mutants.apply(source, replacements) != source, name
 
 
 # --------------------------------------------------------------------------------------------- rollout ---
@@ -661,6 +693,55 @@ def test_memsearcher_context_stays_flat_while_react_grows(tiny, searcher):
         assert t["context_tokens"][-1] > 2 * t["context_tokens"][1]
 
 
+def test_react_expert_makes_the_same_mistakes_in_one_masked_conversation(tiny, searcher):
+    """The ReAct expert: one conversation = prompt 0 | search 1 | passages 0 | ... | answer 1, no memory; and
+    with the same random draws it fails exactly the questions the MemSearcher expert fails."""
+    cfg, _, tokenizer = tiny
+    questions = r.load_questions(cfg.train_file[0])[:200]
+    play = {w: [warm.expert_trajectory(q, searcher, tokenizer, tiny_config(cfg.output_dir, workflow=w), rng)
+                for q, rng in zip(questions, [random.Random(i) for i in range(len(questions))])]
+            for w in ms.WORKFLOWS}
+    assert [t["reward"] for t in play["react"]] == [t["reward"] for t in play["memsearcher"]]
+    assert 0.2 < sum(t["reward"] == 0 for t in play["react"]) / len(questions) < 0.8       # both sorts
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids              # noqa: E731
+    for t in play["react"]:
+        conv, = t["convs"]
+        ids, mask = conv["ids"], conv["mask"]
+        prompt = ms.render_prompt(tokenizer, t["question"]["question"], None, "react")
+        assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
+        i, actions = len(prompt), []
+        while i < len(ids):                         # alternate: a trained action, then untrained passages
+            j = i
+            while j < len(ids) and mask[j] == mask[i]:
+                j += 1
+            text = tokenizer.decode(ids[i:j])
+            if mask[i]:
+                actions.append(ms.parse_action(text))
+                assert ids[i:j] == encode(text) and "<memory>" not in text
+            else:
+                assert text.startswith("\n<information>") and text.endswith("</information>\n")
+            i = j
+        assert all(kind == "search" for kind, _ in actions[:-1]) and actions[-1][0] in ("search", "answer")
+        assert (t["stop"] == "answered") == (actions[-1][0] == "answer")
+
+
+@pytest.mark.slow
+def test_both_trained_command_writes_its_table(tmp_path):
+    few = tmp_path / "train.jsonl"
+    few.write_text("".join(open(ROOT / "data" / "train.jsonl").readlines()[:40]))
+    result = run_cli("docs/measure.py", "both-trained", "--out", str(tmp_path / "both"), "--seeds", "0", "--tiny",
+                     "--train-file", str(few), "--warm-start-dir", str(tmp_path / "warm"), "--pretrain-steps", "2",
+                     "--warm-steps", "3", "--steps", "1", "--group-size", "2", "--questions-per-step", "2",
+                     "--eval-n", "3", "--max-new-tokens", "16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "both" / "both_trained.json").read_text())
+    assert set(report["runs"]) == {"memsearcher seed 0", "react seed 0"}
+    for run in report["runs"].values():
+        assert 0 <= run["after"]["em"] <= 1 and run["peak_rss_mb"] > 0 and run["rollout_s"] > 0
+    assert "greedy test EM, before -> after GRPO" in result.stdout and "tokens processed" in result.stdout
+    assert len(list((tmp_path / "warm").glob("tiny-react-seed0-*"))) == 1
+
+
 def test_react_trains_with_the_same_grpo_code(tmp_path):
     cfg = tiny_config(tmp_path, workflow="react", pretrain_steps=0, warm_steps=0, steps=2, group_size=2,
                       questions_per_step=2, eval_n=2, max_new_tokens=8, eval_every=0, print_every=0)
@@ -771,19 +852,11 @@ def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys):
     assert [r.get("reward") for r in logs[0]] == [r.get("reward") for r in logs[1]]
 
 
-def test_a_new_run_keeps_the_old_metrics_log(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    ms.prepare_output_dir(tiny_config(tmp_path))
-    assert not (tmp_path / "metrics.jsonl").exists()
-    assert [p.read_text() for p in tmp_path.glob("metrics.*.jsonl")] == ['{"step": 1}\n']
-
-
 @pytest.mark.parametrize("args, message", [
     (["--group-size", "0"], "--group-size must be at least 1"),
     (["--lr", "-1"], "--lr must be at least 0"),
     (["--expert-forget", "1.5"], "--expert-forget must be between 0 and 1"),
     (["--workflow", "chain"], "--workflow must be one of memsearcher, react"),
-    (["--tiny", "--workflow", "react"], "--warm-steps imitates a MemSearcher expert"),
     (["--corpus", "nope.jsonl"], "--corpus: no such file"),
     (["--tiny", "--small"], "not allowed with argument"),
 ])
@@ -875,7 +948,7 @@ def test_a_failing_retrieval_server_keeps_the_run(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="HTTP 503(.|\\n)*after 1 steps(.|\\n)*--resume"):
         train(cfg)
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-000001"
-    assert ms.restore_trainer_state(torch.optim.AdamW(ms.load_policy(str(tmp_path / "checkpoint-000001"),
+    assert runs.restore_trainer_state(torch.optim.AdamW(ms.load_policy(str(tmp_path / "checkpoint-000001"),
                                                                         torch.device("cpu"))[0].parameters()),
                                     tmp_path / "checkpoint-000001") == 1
 
@@ -892,6 +965,183 @@ def test_bad_question_lines_name_file_and_line(tmp_path, line, message):
     with pytest.raises(ValueError, match=message) as error:
         r.load_questions(path)
     assert str(error.value).startswith(f"{path}:2: ")
+
+
+# ----------------------------------------------------------------------------------------- the run folder ---
+
+def quick_config(out, **overrides):
+    """A random tiny model, no warm start, 2-question steps: a whole run in a few seconds."""
+    settings = dict(pretrain_steps=0, warm_steps=0, steps=2, group_size=2, questions_per_step=2, eval_n=2,
+                    max_new_tokens=8, max_turns=2, eval_max_turns=2, eval_every=0, print_every=0,
+                    warm_start_dir=str(Path(out).parent / "warm"))
+    return tiny_config(out, **{**settings, **overrides})
+
+
+def logged_steps(out):
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [r["step"] for r in records if "reward" in r], [r["step"] for r in records if "eval" in r]
+
+
+def test_a_new_run_moves_an_earlier_run_aside(tmp_path):
+    out = tmp_path / "run"
+    train(quick_config(out))
+    train(quick_config(out, seed=1))
+    previous, = out.glob("previous-*")
+    assert (previous / "latest").read_text().strip() == "checkpoint-000002" and (previous / "metrics.jsonl").exists()
+    assert json.loads((out / "run.json").read_text())["seed"] == 1 and logged_steps(out) == ([1, 2], [0, 2])
+
+
+def test_resume_refuses_another_runs_settings_and_fewer_steps(tmp_path):
+    out = tmp_path / "run"
+    train(quick_config(out, steps=2, save_every=1))
+    with pytest.raises(SystemExit, match=r"--resume: .*--seed 0 -> 1; --lr 0.0003 -> 0.1"):
+        train(quick_config(out, steps=3, resume=True, seed=1, lr=0.1))
+    with pytest.raises(SystemExit, match="--steps 1: the run .* is already at step 2"):
+        train(quick_config(out, steps=1, resume=True))
+    assert (out / "latest").read_text().strip() == "checkpoint-000002" and (out / "checkpoint-000002").is_dir()
+    (out / "latest").write_text("checkpoint-000009")
+    with pytest.raises(SystemExit, match="names checkpoint-000009, which is missing"):
+        train(quick_config(out, steps=3, resume=True))
+
+
+def test_one_run_per_folder(tmp_path):
+    cfg = quick_config(tmp_path / "run")
+    _, _, lock = runs.open_run(cfg)
+    with pytest.raises(SystemExit, match=f"used by a running run \\(pid {os.getpid()}\\)"):
+        runs.open_run(cfg)
+    lock.close()                                            # what the OS does when a run dies
+    runs.open_run(ms.Config(**{**asdict(cfg), "resume": False}))
+
+
+def test_resume_after_a_kill_logs_every_step_once(tmp_path):
+    out = tmp_path / "run"
+    train(quick_config(out, steps=2, save_every=1))
+    with open(out / "metrics.jsonl", "a") as f:            # killed after logging step 3, before its checkpoint
+        f.write(json.dumps({"step": 3, "reward": 0.0}) + "\n" + '{"step": 4, "rew')
+    (out / ".tmp-checkpoint-000003-999").mkdir()            # and in the middle of saving it
+    train(quick_config(out, steps=4, save_every=1, resume=True))
+    assert logged_steps(out) == ([1, 2, 3, 4], [0, 2, 4])
+    assert not list(out.glob(".tmp-*")) and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000004"]
+    assert train(quick_config(out, steps=4, resume=True)) is None   # complete: nothing run or logged again
+    assert logged_steps(out) == ([1, 2, 3, 4], [0, 2, 4])
+
+
+def test_resume_after_a_retrieval_failure_at_step_0_evaluates_once(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_rollout = ms.rollout
+
+    def failing(*args, **kwargs):
+        if not kwargs.get("greedy"):
+            raise r.RetrievalError("retrieval server http://x/retrieve failed after 4 attempts")
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(ms, "rollout", failing)
+    with pytest.raises(SystemExit, match="after 0 steps"):
+        train(quick_config(out))
+    monkeypatch.setattr(ms, "rollout", real_rollout)
+    train(quick_config(out, resume=True))
+    assert logged_steps(out) == ([1, 2], [0, 2])
+
+
+def test_no_learning_signal_is_reported(tmp_path, monkeypatch, capsys):
+    real_step = ms.grpo_step
+    monkeypatch.setattr(ms, "grpo_step", lambda *a: (lambda trajs, stats: (trajs, {**stats, "mixed_groups": 0.0}))(
+        *real_step(*a)))
+    train(quick_config(tmp_path / "run", steps=3))
+    assert capsys.readouterr().out.count("every group's rewards were equal") == 1
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume_gives_every_step_once(tmp_path):
+    """A real run, killed with SIGKILL at random moments and resumed each time, ends with each step logged once."""
+    out = tmp_path / "run"
+    args = ["--tiny", "--output-dir", str(out), "--warm-start-dir", str(tmp_path / "warm"), "--pretrain-steps", "0",
+            "--warm-steps", "0", "--steps", "8", "--save-every", "1", "--group-size", "2",
+            "--questions-per-step", "2", "--eval-n", "2", "--eval-every", "3", "--max-new-tokens", "8",
+            "--max-turns", "2", "--eval-max-turns", "2"]
+    rng = random.Random(0)
+    command = [sys.executable, str(ROOT / "memsearcher.py"), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    kills = 0
+    for attempt in range(12):
+        resume = ["--resume"] if (out / "latest").exists() else []
+        process = subprocess.Popen(command + resume, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        try:
+            process.wait(timeout=rng.uniform(3, 7))       # imports take ~3 s, a step a fraction of a second
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            kills += 1
+            continue
+        assert process.returncode == 0
+        break
+    assert kills >= 2, "the run finished before it could be killed: make the kill times shorter"
+    assert logged_steps(out) == (list(range(1, 9)), [0, 3, 6, 8])
+
+
+# ------------------------------------------------------------------------------------- data a user brings ---
+
+def test_two_test_files_of_one_name_get_two_columns(tmp_path):
+    for folder in "ab":
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "questions.jsonl").write_text('{"question": "q?", "golden_answers": ["x"]}\n')
+    cfg = quick_config(tmp_path / "run", test_file=[str(tmp_path / f / "questions.jsonl") for f in "ab"])
+    _, test_qs, _ = ms.load_data(cfg)
+    assert [q["source"] for q in test_qs] == [f"questions ({tmp_path / f})" for f in "ab"]
+
+
+def test_question_types_null_mixed_or_in_metadata(tmp_path):
+    path = tmp_path / "q.jsonl"
+    lines = [{"question": "a?", "golden_answers": ["a"], "type": None},
+             {"question": "b?", "golden_answers": ["b"], "type": 2},
+             {"question": "c?", "golden_answers": ["c"], "metadata": {"type": "bridge"}},
+             {"question": "d?", "golden_answers": ["d"], "type": "bridge"}]
+    path.write_bytes(codecs.BOM_UTF8 + "".join(json.dumps(q) + "\n" for q in lines).encode())   # with a BOM
+    questions = r.load_questions(path)
+    trajs = [{**ms.new_trajectory(q), "reward": 1.0} for q in questions]
+    assert ms.summarize(trajs)["em_by_type"] == {"2": 1.0, "bridge": 1.0}
+    untyped = [{**ms.new_trajectory({"question": "q?", "golden_answers": ["a"]}), "reward": 0.0}]
+    assert ms.summarize(untyped)["em_by_type"] == {}
+
+
+def test_warm_start_on_data_without_hop_chains_is_refused_before_any_work(tmp_path):
+    path = tmp_path / "nq.jsonl"
+    path.write_text('{"question": "who wrote hamlet?", "golden_answers": ["Shakespeare"]}\n')
+    cfg = tiny_config(tmp_path / "run", train_file=[str(path)])
+    start = time.time()
+    with pytest.raises(SystemExit, match="--warm-steps needs questions with a 'support' hop chain"):
+        warm.tiny_policy(cfg)
+    assert time.time() - start < 5 and not (tmp_path / "run" / "warm-start").exists()
+
+
+def test_user_errors_are_one_line_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    path = tmp_path / "test.jsonl"
+    path.write_text('{"question": "q?", "golden_answers": []}\n')
+    args = ["--tiny", "--output-dir", str(tmp_path / "run"), "--warm-start-dir", str(tmp_path / "warm"),
+            "--pretrain-steps", "0", "--warm-steps", "0", "--test-file", str(path)]
+    with pytest.raises(SystemExit) as stop:
+        ms.main(args)
+    assert str(stop.value.code).startswith(f"memsearcher.py: {path}:1: \"golden_answers\" must be a non-empty")
+    monkeypatch.setenv("MEMSEARCHER_TRACEBACK", "1")
+    with pytest.raises(r.DataError):
+        ms.main(args)
+
+
+def test_a_huge_passage_is_cut_and_reported(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "big", "contents": "Huge\n" + "word " * 1_000_000}) + "\n"
+                      + json.dumps({"id": "small", "contents": "Small\nwords"}) + "\n")
+    _, _, search = ms.load_data(quick_config(tmp_path / "run", corpus=str(corpus), max_passage_chars=1000))
+    hit, = [h for h in search(["word"], 2)[0] if h["id"] == "big"]
+    assert len(hit["text"]) == 1000 and "cut from 4,999,999 to 1,000 characters" in capsys.readouterr().err
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        ms.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "None" not in text and "(default 5; --tiny: 8)" in text.replace("\n", " ").replace("  ", " ")
 
 
 # ------------------------------------------------------------------------------------------------ data ---

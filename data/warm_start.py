@@ -13,6 +13,7 @@ reinforce. Qwen2.5-Instruct arrives knowing the format and able to copy a name; 
       - answer early: with the final fact still missing, it answers with what the last hop found (the city
         instead of its country: the wrong field).
     The model imitates it by cross-entropy on exactly the tokens RL trains (the loss mask), to convergence.
+    With --workflow react the expert plays ReAct instead, with mistakes of the same strength (expert_trajectory).
 The imitator then samples good and bad trajectories for the same question, which is what GRPO needs, while
 greedy decoding follows the expert's more likely choice: it forgets, as the expert does 60% of the time.
 
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 import memsearcher as ms
 from retriever import format_hits, load_corpus, local_searcher
+from runs import save_model, write_atomic
 
 # Bump when this file changes what a warm start produces: the kept ones are then built again.
 WARM_START_VERSION = 2
@@ -49,7 +51,8 @@ def tiny_policy(cfg):
                                          ).hexdigest()
     settings["version"] = WARM_START_VERSION
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    folder = Path(cfg.warm_start_dir) / f"tiny-seed{cfg.seed}-{digest}"
+    settings["workflow"] = cfg.workflow                 # named in the folder: its expert plays this workflow
+    folder = Path(cfg.warm_start_dir) / f"tiny-{cfg.workflow}-seed{cfg.seed}-{digest}"
     record = folder / "warm_start.json"                 # written last: a folder without it is built again
     if record.exists() and not cfg.rebuild_warm_start:
         print(f"warm start: reusing {folder}, built by an earlier run with these settings "
@@ -71,9 +74,9 @@ def tiny_policy(cfg):
         log["pretrain"] = pretrain(model, tokenizer, questions, cfg)
     if cfg.warm_steps:
         log["imitation"] = imitate(model, tokenizer, local_searcher(cfg.corpus, show_progress=False), questions, cfg)
-    ms.save_model(model, tokenizer, folder)
+    save_model(model, tokenizer, folder)
     log["build_s"] = round(time.time() - t0, 1)
-    ms.write_atomic(record, json.dumps(log, indent=1))
+    write_atomic(record, json.dumps(log, indent=1))
     print(f"warm start: built in {log['build_s']:.0f} s")
     return str(folder)
 
@@ -179,19 +182,27 @@ EXPERT_MEMORY = "<memory> {} </memory>"
 
 
 def expert_trajectory(question, search, tokenizer, cfg, rng):
-    """Play one question with the scripted expert -> a trajectory in the same format as ms.rollout()'s."""
-    t = ms.new_trajectory(question)
-    support = question["support"]
+    """Play one question with the scripted expert -> a trajectory in the same format as ms.rollout()'s.
 
-    def add(conv, text, trained):                # the expert's text is tokenized: it was never sampled
+    Both workflows' experts search the same hops and draw the same random mistakes. MemSearcher's expert keeps
+    a fact by writing it into its memory, and forgets by leaving it out. ReAct's expert cannot forget what stays
+    in its context, so its mistake is to lose track: it ignores the fact it has just read. Either way it then
+    searches the same hop again, so the two experts fail the same questions equally often.
+    """
+    t = ms.new_trajectory(question)
+    support, noted = question["support"], ""           # the facts the expert acts on (MemSearcher: its memory)
+
+    def add(conv, text, trained):                       # the expert's text is tokenized: it was never sampled
         ms.extend_conversation(conv, tokenizer(text, add_special_tokens=False).input_ids, trained)
 
     for turn in range(cfg.max_turns):
-        conv = {"ids": [], "mask": []}
-        t["convs"].append(conv)
-        ms.extend_conversation(conv, ms.render_prompt(tokenizer, question["question"], t["memory"]), False)
-        known = [h for h in support if h["fact"] in t["memory"]]
-        missing = [h for h in support if h["fact"] not in t["memory"]]
+        if cfg.workflow == "memsearcher" or turn == 0:  # as in ms.rollout: ReAct keeps one conversation
+            conv = {"ids": [], "mask": []}
+            t["convs"].append(conv)
+            ms.extend_conversation(conv, ms.render_prompt(tokenizer, question["question"], noted, cfg.workflow),
+                                   False)
+        known = [h for h in support if h["fact"] in noted]
+        missing = [h for h in support if h["fact"] not in noted]
         if not missing or (known and rng.random() < cfg.expert_early):
             t["answer"] = question["golden_answers"][0] if not missing else known[-1]["finding"]
             add(conv, EXPERT_ANSWER.format(t["answer"]), True)
@@ -203,9 +214,10 @@ def expert_trajectory(question, search, tokenizer, cfg, rng):
             t["stop"] = "max_turns"
             break
         add(conv, ms.information_text(search([hop["query"]], cfg.top_k)[0]), False)
-        if not (t["memory"] and rng.random() < cfg.expert_forget):
-            t["memory"] = f"{t['memory']} {hop['fact']}".strip()
-        add(conv, EXPERT_MEMORY.format(t["memory"]), True)
+        if not (noted and rng.random() < cfg.expert_forget):
+            noted = f"{noted} {hop['fact']}".strip()
+        if cfg.workflow == "memsearcher":
+            add(conv, EXPERT_MEMORY.format(noted), True)
     t["stop"] = t["stop"] or "max_turns"
     t["reward"] = ms.exact_match(t["answer"], question["golden_answers"]) if t["answer"] is not None else 0.0
     return t

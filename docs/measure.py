@@ -1,9 +1,13 @@
 """The measurements behind the README's figures, kept out of memsearcher.py's reading path.
 
+    python docs/measure.py both-trained --tiny --seeds 0 1 2
     python docs/measure.py compare --tiny --model runs/tiny/checkpoint-000030 --questions-per-step 5
     python docs/measure.py logprob-memory
     python docs/measure.py curves runs/tiny
 
+both-trained: MemSearcher and ReAct each warm-started (built once, then reused) and trained by the same GRPO
+budget, per seed (--seeds 0 1 2); greedy test EM before and after, context per turn, tokens processed, seconds
+per step, peak memory. Any memsearcher.py flag works after `both-trained` (e.g. --top-k 5).
 compare: one policy, both workflows (MemSearcher and ReAct) on the same test questions: EM, context per turn,
 tokens processed, peak memory; the same with a scripted policy that searches until the last turn (lengths
 only); and rollout throughput, batched as in training vs one trajectory at a time. Any memsearcher.py flag
@@ -84,12 +88,8 @@ def peak_memory_mb(device):
 def workflow_metrics(trajs, seconds, device):
     """What the comparison table shows for one workflow."""
     m = ms.summarize(trajs)
-    turns = max(len(t["context_tokens"]) for t in trajs)
-    return {"em": m["em"], "turns": m["turns"],
-            "context_mean": m["context_tokens_per_turn"],
-            "context_max": [max(t["context_tokens"][i] for t in trajs if len(t["context_tokens"]) > i)
-                            for i in range(turns)],
-            "processed_tokens": sum(t["processed_tokens"] for t in trajs) / len(trajs),
+    return {"em": m["em"], "turns": m["turns"], "context_mean": m["context_tokens_per_turn"],
+            "context_max": m["context_tokens_max"], "processed_tokens": m["processed_tokens"],
             "sampled_tokens": m["sampled_tokens"], "generation_s": round(seconds, 2),
             "peak_memory_mb": round(peak_memory_mb(device), 1), "stops": m["stops"]}
 
@@ -105,7 +105,7 @@ def compare_workflows(model, tokenizer, search, questions, cfg, turns, scripted_
         fn = scripted_policy(questions, scripted_searches) if scripted_searches else ms.generate
         t0 = time.time()
         trajs = ms.rollout(model, tokenizer, search, questions, cfg, greedy=True, max_turns=turns,
-                        workflow=workflow, generate_fn=fn)
+                           workflow=workflow, generate_fn=fn)
         results[workflow] = workflow_metrics(trajs, time.time() - t0, model.device)
     return results
 
@@ -205,6 +205,94 @@ def plot_context(r, path):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# MemSearcher and ReAct, both trained: the paper's headline comparison in miniature. Each workflow starts from
+# its own warm start (the same pretraining, the same expert searches with mistakes of the same strength, the
+# same imitation steps) and gets the same GRPO budget; both are then evaluated greedily on the same questions.
+
+def train_one(cfg):
+    """One GRPO run, in its own process (so that its peak memory is its own) -> what the table shows."""
+    import resource
+    import runs
+    initial = tiny_policy(cfg) if cfg.model == "tiny" else cfg.model
+    t0 = time.time()
+    ms.train_and_evaluate(cfg, initial)
+    records = runs.read_metrics(Path(cfg.output_dir))
+    evals, steps = [r["eval"] for r in records if "eval" in r], [r for r in records if "reward" in r]
+    return {"before": evals[0], "after": evals[-1], "run_s": round(time.time() - t0, 1),
+            "rollout_s": sum(r["rollout_s"] for r in steps) / len(steps),
+            "update_s": sum(r["step_s"] - r["rollout_s"] for r in steps) / len(steps),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def both_trained(argv, seeds, out):
+    """Warm start (built once, then reused) and GRPO for both workflows and every seed -> table, JSON, PNG."""
+    results = {}
+    for seed in seeds:
+        for workflow in ms.WORKFLOWS:
+            cfg = ms.parse_args([*argv, "--workflow", workflow, "--seed", str(seed),
+                                 "--output-dir", str(out / f"{workflow}-seed{seed}")])
+            print(f"\n=== {workflow}, seed {seed} ===", flush=True)
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                results[f"{workflow} seed {seed}"] = pool.apply(train_one, (cfg,))
+    report = {"command": argv, "seeds": seeds, "runs": results}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "both_trained.json").write_text(json.dumps(report, indent=1))
+    print_both_trained(results, seeds)
+    print(f"written: {out / 'both_trained.json'}")
+    plot_both_trained(results, seeds, out / "both_trained.png")
+    return report
+
+
+def print_both_trained(results, seeds):
+    """Means over seeds (per-seed values in the JSON), side by side."""
+    def mean(workflow, get):
+        return sum(get(results[f"{workflow} seed {s}"]) for s in seeds) / len(seeds)
+
+    def row(label, get, fmt="{:.0f}"):
+        print(f"{label:36}" + "".join(f"{fmt.format(mean(w, get)):>18}" for w in ms.WORKFLOWS))
+
+    def em_row(label, get):             # before -> after GRPO
+        cells = [f"{mean(w, lambda r: get(r['before'])):.3f} -> {mean(w, lambda r: get(r['after'])):.3f}"
+                 for w in ms.WORKFLOWS]
+        print(f"{label:36}" + "".join(f"{c:>18}" for c in cells))
+
+    print(f"\nboth trained; means over seeds {seeds}\n{'':36}" + "".join(f"{w:>18}" for w in ms.WORKFLOWS))
+    em_row("greedy test EM, before -> after GRPO", lambda m: m["em"])
+    for kind in results[f"memsearcher seed {seeds[0]}"]["after"]["em_by_type"]:
+        em_row(f"  {kind}", lambda m: m["em_by_type"][kind])
+    turns = max(len(r["after"]["context_tokens_per_turn"]) for r in results.values())
+    for i in range(turns):                               # a workflow that ends earlier shows 0
+        row(f"context tokens at turn {i + 1}: mean", lambda r: (r["after"]["context_tokens_per_turn"] + [0] * turns)[i])
+        row("                            max", lambda r: (r["after"]["context_tokens_max"] + [0] * turns)[i])
+    row("tokens processed per trajectory", lambda r: r["after"]["processed_tokens"])
+    row("seconds per GRPO step: rollout", lambda r: r["rollout_s"], "{:.2f}")
+    row("                       update", lambda r: r["update_s"], "{:.2f}")
+    row("peak memory of the run (RSS, MB)", lambda r: r["peak_rss_mb"])
+
+
+def plot_both_trained(results, seeds, path):
+    """EM before and after GRPO, and context per turn after, for both workflows -> PNG (needs matplotlib)."""
+    plt = pyplot_or_none(path)
+    if plt is None:
+        return
+    fig, (em, context) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for i, workflow in enumerate(ms.WORKFLOWS):
+        runs = [results[f"{workflow} seed {s}"] for s in seeds]
+        em.bar([i - 0.2, i + 0.2], [sum(r[k]["em"] for r in runs) / len(runs) for k in ["before", "after"]],
+               width=0.35, color=["#bbbbbb", f"C{i}"])
+        longest = max(runs, key=lambda r: len(r["after"]["context_tokens_per_turn"]))["after"]
+        context.plot(range(1, len(longest["context_tokens_per_turn"]) + 1), longest["context_tokens_per_turn"],
+                     marker="o", color=f"C{i}", label=workflow)
+    em.set(xticks=range(len(ms.WORKFLOWS)), xticklabels=[f"{w}\nbefore | after" for w in ms.WORKFLOWS],
+           ylabel="greedy test EM", ylim=(0, 1), title=f"both trained by GRPO (mean of {len(seeds)} seeds)")
+    context.set(xlabel="turn", ylabel="context tokens (mean)", ylim=(0, None), title="context per turn after GRPO")
+    context.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Log-probs without the [B, T, V] tensor.
 
 def logprob_memory(chunk, output, rows=16, length=1024, vocab=151_936):
@@ -280,7 +368,7 @@ def plot_curves(out):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["compare", "logprob-memory", "curves"]
+    commands = ["compare", "both-trained", "logprob-memory", "curves"]
     if not argv or argv[0] not in commands:
         raise SystemExit(__doc__.split("\n\n")[1] + f"\nusage: python docs/measure.py {{{','.join(commands)}}} ...")
     command, rest = argv[0], argv[1:]
@@ -291,6 +379,12 @@ def main(argv=None):
         if own.compare_turns < 2:
             raise SystemExit("--compare-turns must be at least 2 (one search, one answer)")
         compare(ms.parse_args(rest), own.compare_turns)
+    elif command == "both-trained":
+        parser = argparse.ArgumentParser(prog="docs/measure.py both-trained", add_help=False)
+        parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per workflow and seed")
+        parser.add_argument("--out", default="runs/both-trained", help="where the runs, table and PNG go")
+        own, rest = parser.parse_known_args(rest)
+        both_trained(rest, own.seeds, Path(own.out))
     elif command == "logprob-memory":
         parser = argparse.ArgumentParser(prog="docs/measure.py logprob-memory")
         parser.add_argument("--chunk", type=int, default=256, help="positions per chunk (memsearcher's default)")

@@ -1,0 +1,129 @@
+"""Break the method on purpose, and check that the fast test tier catches every break.
+
+    python docs/mutants.py          # every broken variant below (about 15 minutes on 2 CPU cores)
+    python docs/mutants.py 3 7      # some of them, by number
+
+Each variant replaces a few lines of memsearcher.py in a copy of the repository with a broken version, runs the
+fast tier there (python -m pytest -m "not slow"), and lists the tests that failed. A variant that no test
+catches is a hole in the fast tier. The README's table of variants and the tests that catch them comes from
+this script's output; test_memsearcher.py checks that every variant still applies to the current code.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (what breaks, [(the lines as they are in memsearcher.py, the broken lines), ...])
+MUTANTS = [
+    ("advantage sign flipped",
+     [("return ((r - mean) / (std + 1e-6)).flatten()", "return ((mean - r) / (std + 1e-6)).flatten()")]),
+    ("advantage not divided by the group's std",
+     [("return ((r - mean) / (std + 1e-6)).flatten()", "return (r - mean).flatten()")]),
+    ("biased std in the advantage",
+     [("std = r.std(dim=1, keepdim=True)", "std = r.std(dim=1, keepdim=True, unbiased=False)")]),
+    ("advantage only on each trajectory's final conversation",
+     [('"adv": float(a)}', '"adv": float(a) if c is t["convs"][-1] else 0.0}')]),
+    ("group copies not consecutive",
+     [("questions = [q for q in batch for _ in range(cfg.group_size)]",
+       "questions = [q for _ in range(cfg.group_size) for q in batch]")]),
+    ("PPO ratio inverted",
+     [("ratio = torch.exp(logp - old_logp)", "ratio = torch.exp(old_logp - logp)")]),
+    ("PPO clip removed",
+     [("clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)", "clipped = ratio")]),
+    ("dual clip removed",
+     [("pg = torch.where(a < 0, torch.min(pg, -dual_clip * a), pg)", "pg = pg")]),
+    ("KL sign flipped",
+     [("d = ref_logp - logp ", "d = logp - ref_logp ")]),
+    ("loss divided by each micro-batch's own token count",
+     [("adv, mask, n_tokens, cfg.clip_eps", "adv, mask, mask.sum(), cfg.clip_eps")]),
+    ("zero-advantage rows left out of the token count",
+     [('n_tokens = max(1, sum(sum(r["mask"]) for r in rows_k))',
+       'n_tokens = max(1, sum(sum(r["mask"]) for r in rows_k if needs_forward(r)))')]),
+    ("log-probs shifted by one position",
+     [("h = hidden[:, :-1][predicts]", "h = hidden[:, 1:][predicts]")]),
+    ("log-probs at temperature 1 everywhere",
+     [("logits = head(h_chunk).float() / temperature", "logits = head(h_chunk).float()")]),
+    ("rollout (old) log-probs at temperature 1",
+     [("old = [[logprobs(model, b) if", "old = [[token_logprobs(model, *b[:3], cfg.logprob_chunk) if")]),
+    ("reference log-probs at temperature 1",
+     [("ref = [[logprobs(ref_model, b) if", "ref = [[token_logprobs(ref_model, *b[:3], cfg.logprob_chunk) if")]),
+    ("sampler ignores the temperature",
+     [("probs = torch.softmax(scores.float() / self.temperature, dim=-1)",
+       "probs = torch.softmax(scores.float(), dim=-1)")]),
+    ("prompt tokens trained",
+     [('extend_conversation(t["convs"][-1], prompt, False)', 'extend_conversation(t["convs"][-1], prompt, True)')]),
+    ("retrieved passages trained",
+     [('extend_conversation(t["convs"][-1], passages, False)',
+       'extend_conversation(t["convs"][-1], passages, True)')]),
+    ("memory tokens not trained (mask 0)",
+     [('                    extend_conversation(t["convs"][-1], ids, True)',
+       '                    extend_conversation(t["convs"][-1], ids, False)')]),
+    ("sampled action ids decoded and encoded again",
+     [('zip(live, outs):\n            extend_conversation(t["convs"][-1], ids, True)',
+       'zip(live, outs):\n            extend_conversation(t["convs"][-1], '
+       'tokenizer(text, add_special_tokens=False).input_ids, True)')]),
+    ("EOS dropped from the sampled ids",
+     [("if token in eos_ids:\n            return i + 1, True", "if token in eos_ids:\n            return i, True")]),
+    ("right padding in batched generate",
+     [("input_ids[i, width - len(c):] = torch.tensor(c)", "input_ids[i, :len(c)] = torch.tensor(c)"),
+      ("attention[i, width - len(c):] = 1", "attention[i, :len(c)] = 1")]),
+    ("left padding in training",
+     [('ids[i, :len(r["ids"])] = torch.tensor(r["ids"])', 'ids[i, width - len(r["ids"]):] = torch.tensor(r["ids"])'),
+      ('attention[i, :len(r["ids"])] = 1', 'attention[i, width - len(r["ids"]):] = 1'),
+      ('mask[i, :len(r["mask"])] = torch.tensor(', 'mask[i, width - len(r["mask"]):] = torch.tensor(')]),
+    ("memory not carried to the next turn",
+     [('t["memory"] = t["turns"][-1]["memory"] = memory', 't["turns"][-1]["memory"] = memory')]),
+    ("MemSearcher keeps one growing context",
+     [('if workflow == "memsearcher" or turn == 0:', "if turn == 0:")]),
+    ("ReAct starts a fresh context every turn",
+     [('if workflow == "memsearcher" or turn == 0:', "if True:")]),
+    ("EM keeps the articles",
+     [('text = re.sub(r"\\b(a|an|the)\\b", " ", text)', "text = text")]),
+    ("EM keeps the punctuation",
+     [('text = "".join(ch for ch in text if ch not in set(string.punctuation))', "text = text")]),
+]
+
+
+def apply(source, replacements):
+    """The source with each (old, new) replaced; each old must occur exactly once."""
+    for old, new in replacements:
+        if source.count(old) != 1:
+            raise ValueError(f"{old!r} occurs {source.count(old)} times in memsearcher.py, not once")
+        source = source.replace(old, new)
+    return source
+
+
+def run(mutant, where):
+    """Apply one variant in a copy of the repository at `where` -> (the failing tests, seconds)."""
+    (where / "memsearcher.py").write_text(apply((ROOT / "memsearcher.py").read_text(), mutant[1]))
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "not slow", "-q", "-p", "no:cacheprovider",
+                             "--tb=no", "-rf"], cwd=where, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    failed = sorted({re.sub(r"\[.*", "[...]", m) for m in re.findall(r"^FAILED \S+::(\S+)", result.stdout, re.M)})
+    return failed, time.time() - start
+
+
+def main(numbers):
+    chosen = [(i, m) for i, m in enumerate(MUTANTS, 1) if not numbers or i in numbers]
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(tmp) / "repo"
+        shutil.copytree(ROOT, where, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "*.png"))
+        holes = 0
+        for i, mutant in chosen:
+            failed, seconds = run(mutant, where)
+            holes += not failed
+            print(f"{i:2}. {mutant[0]}: {len(failed)} failed in {seconds:.0f} s: {', '.join(failed) or 'NOT CAUGHT'}",
+                  flush=True)
+    print(f"{len(chosen) - holes} of {len(chosen)} broken variants caught by the fast tier")
+    return holes
+
+
+if __name__ == "__main__":
+    sys.exit(main([int(a) for a in sys.argv[1:]]))
