@@ -692,6 +692,7 @@ def summarize(trajs):
             "turns": sum(len(t["turns"]) for t in trajs) / n,
             "context_tokens_per_turn": [round(sum(c) / len(c), 1) for c in context],
             "context_tokens_max": [max(c) for c in context],
+            "last_turn_context": sum(t["context_tokens"][-1] for t in trajs if t["context_tokens"]) / n,
             "processed_tokens": sum(t["processed_tokens"] for t in trajs) / n,
             "sampled_tokens": sum(sampled) / n,
             "answered": sum(t["answer"] is not None for t in trajs) / n,

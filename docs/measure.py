@@ -264,6 +264,7 @@ def print_both_trained(results, seeds):
     for i in range(turns):                               # a workflow that ends earlier shows 0
         row(f"context tokens at turn {i + 1}: mean", lambda r: (r["after"]["context_tokens_per_turn"] + [0] * turns)[i])
         row("                            max", lambda r: (r["after"]["context_tokens_max"] + [0] * turns)[i])
+    row("context tokens at the last turn", lambda r: r["after"]["last_turn_context"])
     row("tokens processed per trajectory", lambda r: r["after"]["processed_tokens"])
     row("seconds per GRPO step: rollout", lambda r: r["rollout_s"], "{:.2f}")
     row("                       update", lambda r: r["update_s"], "{:.2f}")
