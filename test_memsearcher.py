@@ -477,8 +477,8 @@ def test_grpo_step_groups_G_copies_and_gives_every_conversation_its_advantage(ti
     assert len(set(ids)) == 3 and ids == [i for i in ids[::4] for _ in range(4)]     # G copies, consecutively
     advantages = ms.group_advantages([t["reward"] for t in trajs], 4)
     assert advantages.abs().min() > 0
-    assert [(row["ids"], row["adv"]) for row in seen["rows"]] == \
-        [(c["ids"], float(a)) for t, a in zip(trajs, advantages) for c in t["convs"]]
+    assert [(row["ids"], row["mask"], row["adv"]) for row in seen["rows"]] == \
+        [(c["ids"], c["mask"], float(a)) for t, a in zip(trajs, advantages) for c in t["convs"]]
     assert (stats["reward"], stats["mixed_groups"]) == (0.5, 1.0)
 
 
@@ -781,6 +781,7 @@ def test_grpo_lifts_greedy_em_over_the_imitator(learned):
     turns before it); a loss mask of all ones 0.000 -> 0.033.
     """
     _, before, after = learned
+    print(f"learning test: greedy EM {before['em']:.3f} -> {after['em']:.3f}")      # docs/mutants.py --learning
     assert after["em"] - before["em"] >= 0.08, (before, after)
     assert after["answered"] > before["answered"]
 

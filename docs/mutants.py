@@ -1,7 +1,8 @@
 """Break the method on purpose, and check that the fast test tier catches every break.
 
-    python docs/mutants.py          # every broken variant below (about 15 minutes on 2 CPU cores)
-    python docs/mutants.py 3 7      # some of them, by number
+    python docs/mutants.py                   # every broken variant below, against the fast tier
+    python docs/mutants.py 3 7               # some of them, by number
+    python docs/mutants.py --learning 1 5    # against the slow learning test instead (and the code as it is)
 
 Each variant replaces a few lines of memsearcher.py in a copy of the repository with a broken version, runs the
 fast tier there (python -m pytest -m "not slow"), and lists the tests that failed. A variant that no test
@@ -27,6 +28,8 @@ MUTANTS = [
      [("return ((r - mean) / (std + 1e-6)).flatten()", "return (r - mean).flatten()")]),
     ("biased std in the advantage",
      [("std = r.std(dim=1, keepdim=True)", "std = r.std(dim=1, keepdim=True, unbiased=False)")]),
+    ("every token of a conversation trained (prompt and passages too)",
+     [('{"ids": c["ids"], "mask": c["mask"], "adv"', '{"ids": c["ids"], "mask": [1] * len(c["mask"]), "adv"')]),
     ("advantage only on each trajectory's final conversation",
      [('"adv": float(a)}', '"adv": float(a) if c is t["convs"][-1] else 0.0}')]),
     ("group copies not consecutive",
@@ -90,6 +93,9 @@ MUTANTS = [
 ]
 
 
+SELF_TEST = "test_every_broken_variant_in_docs_mutants_applies_to_the_current_code"
+
+
 def apply(source, replacements):
     """The source with each (old, new) replaced; each old must occur exactly once."""
     for old, new in replacements:
@@ -99,31 +105,41 @@ def apply(source, replacements):
     return source
 
 
-def run(mutant, where):
-    """Apply one variant in a copy of the repository at `where` -> (the failing tests, seconds)."""
-    (where / "memsearcher.py").write_text(apply((ROOT / "memsearcher.py").read_text(), mutant[1]))
+def run(mutant, where, learning):
+    """Apply one variant (None: none) in a copy of the repository at `where` and run the fast tier, or with
+    `learning` the learning test -> (the failing tests, what the learning test printed, seconds)."""
+    source = (ROOT / "memsearcher.py").read_text()
+    (where / "memsearcher.py").write_text(apply(source, mutant[1]) if mutant else source)
+    tests = ["-m", "slow", "-k", "test_grpo_lifts_greedy_em_over_the_imitator", "-s"] if learning else \
+        ["-m", "not slow", "--deselect", f"test_memsearcher.py::{SELF_TEST}"]     # that one checks this file
     start = time.time()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "not slow", "-q", "-p", "no:cacheprovider",
-                             "--tb=no", "-rf"], cwd=where, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "--tb=no",
+                             "-rf"], cwd=where, capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     failed = sorted({re.sub(r"\[.*", "[...]", m) for m in re.findall(r"^FAILED \S+::(\S+)", result.stdout, re.M)})
-    return failed, time.time() - start
+    printed = re.findall(r"learning test: .*", result.stdout)
+    return failed, printed[0] if printed else "", time.time() - start
 
 
-def main(numbers):
+def main(argv):
+    learning = "--learning" in argv          # the slow learning test instead of the fast tier (~1.5 min each)
+    numbers = [int(a) for a in argv if a != "--learning"]
     chosen = [(i, m) for i, m in enumerate(MUTANTS, 1) if not numbers or i in numbers]
+    if learning:
+        chosen.insert(0, (0, None))           # the code as it is, for the baseline
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(tmp) / "repo"
         shutil.copytree(ROOT, where, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "*.png"))
         holes = 0
         for i, mutant in chosen:
-            failed, seconds = run(mutant, where)
-            holes += not failed
-            print(f"{i:2}. {mutant[0]}: {len(failed)} failed in {seconds:.0f} s: {', '.join(failed) or 'NOT CAUGHT'}",
-                  flush=True)
-    print(f"{len(chosen) - holes} of {len(chosen)} broken variants caught by the fast tier")
+            failed, printed, seconds = run(mutant, where, learning)
+            holes += mutant is not None and not failed
+            name = mutant[0] if mutant else "as it is"
+            print(f"{i:2}. {name}: {len(failed)} failed in {seconds:.0f} s: {', '.join(failed) or 'NOT CAUGHT'}"
+                  + (f"  ({printed})" if printed else ""), flush=True)
+    print(f"{len(chosen) - learning - holes} of {len(chosen) - learning} broken variants caught")
     return holes
 
 
 if __name__ == "__main__":
-    sys.exit(main([int(a) for a in sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:]))
