@@ -12,16 +12,17 @@ advantage to every token the model sampled in every one of its conversations.
 
 Read it top to bottom, in the paper's order: config -> prompt and parsing -> the memory-updating rollout ->
 the exact-match reward -> multi-context GRPO (advantages, rows, loss, log-probs, update) -> one GRPO step ->
-the training loop (evaluation, checkpoints) -> main.
+the training loop (evaluation, checkpoints) -> main. After main, an appendix of plumbing: loading the data,
+printing, the command line.
 
     python memsearcher.py           # --small when a CUDA GPU is present, --tiny otherwise
     python memsearcher.py --small   # Qwen2.5-0.5B-Instruct from the hub, full finetuning on one GPU
     python memsearcher.py --tiny    # a tiny Qwen2 built offline, warm-started once, then GRPO on the CPU
     python memsearcher.py --help    # every setting
 
-Beside this file, and never needed to read it: retriever.py (BM25, a retrieval-server client), data/ (the toy
-world, and warm_start.py: the tiny model's warm start, a teaching aid) and docs/measure.py (the README's
-measurements).
+Beside this file, and never needed to read it: retriever.py (FlashRAG files, BM25, a retrieval-server client),
+runs.py (the run folder: checkpoints, resume, one run at a time), data/ (the toy world, and warm_start.py: the
+tiny model's warm start, a teaching aid) and docs/ (the README's measurements).
 
 Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM):
  1. Tags: <search>query</search> and <answer>...</answer> (as Search-R1) instead of a JSON <tool_call> and a
@@ -91,7 +92,7 @@ class Config:
     retriever_url: str = flag("", "a Search-R1 retrieval server (http://host:8000/retrieve) instead of BM25")
     retriever_timeout: float = flag(30.0, "seconds to wait for the retrieval server's answer", "positive")
     retriever_retries: int = flag(3, "retries of a failed retrieval request, with back-off", "at least 0")
-    max_passage_chars: int = flag(20_000, "a longer passage is cut, and reported, for the model", "at least 1")
+    max_passage_chars: int = flag(20_000, "longer passages are cut (and reported) for the model", "at least 1")
     output_dir: str = flag("runs/small", "checkpoints and metrics.jsonl go here")
     seed: int = flag(0, "random seed")
     # multi-context GRPO

@@ -3,6 +3,7 @@
     python docs/measure.py both-trained --tiny --seeds 0 1 2
     python docs/measure.py compare --tiny --model runs/tiny/checkpoint-000030 --questions-per-step 5
     python docs/measure.py logprob-memory
+    python docs/measure.py sampler
     python docs/measure.py curves runs/tiny
 
 both-trained: MemSearcher and ReAct each warm-started (built once, then reused) and trained by the same GRPO
@@ -13,6 +14,7 @@ tokens processed, peak memory; the same with a scripted policy that searches unt
 only); and rollout throughput, batched as in training vs one trajectory at a time. Any memsearcher.py flag
 works after `compare` (--tiny builds or reuses the warm-started tiny model), plus --compare-turns.
 logprob-memory: peak memory of chunked log-probs (memsearcher.token_logprobs) vs full logits, Qwen2.5's vocab.
+sampler: the time of one sampling step, memsearcher.SampleFromSoftmax vs torch.multinomial.
 curves: reward per step and greedy EM per evaluation of a run, from its metrics.jsonl, as a PNG.
 The PNGs need matplotlib (pip install matplotlib); nothing else does.
 """
@@ -346,6 +348,26 @@ def _logprob_peak(method, rows, length, vocab, chunk):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# The sampler.
+
+def sampler_speed(rows=128, vocab=2797, calls=200):
+    """memsearcher.SampleFromSoftmax against softmax + torch.multinomial on one [rows, vocab] batch of logits."""
+    torch.manual_seed(0)
+    scores = torch.randn(rows, vocab) * 2
+    sample = ms.SampleFromSoftmax(1.0)
+    timings = {}
+    for name, fn in [("SampleFromSoftmax", lambda: sample(None, scores)),
+                     ("softmax + torch.multinomial", lambda: torch.multinomial(torch.softmax(scores, -1), 1))]:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        timings[name] = (time.perf_counter() - t0) / calls * 1000
+        print(f"[{rows}, {vocab}] logits, {name}: {timings[name]:.2f} ms a call")
+    return timings
+
+
+# -----------------------------------------------------------------------------------------------------------
 # A run's curves.
 
 def plot_curves(out):
@@ -369,7 +391,7 @@ def plot_curves(out):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["compare", "both-trained", "logprob-memory", "curves"]
+    commands = ["compare", "both-trained", "logprob-memory", "sampler", "curves"]
     if not argv or argv[0] not in commands:
         raise SystemExit(__doc__.split("\n\n")[1] + f"\nusage: python docs/measure.py {{{','.join(commands)}}} ...")
     command, rest = argv[0], argv[1:]
@@ -392,6 +414,8 @@ def main(argv=None):
         parser.add_argument("--output", default="runs/logprob_memory.json", help="where the numbers go")
         args = parser.parse_args(rest)
         logprob_memory(args.chunk, Path(args.output))
+    elif command == "sampler":
+        sampler_speed()
     else:
         if len(rest) != 1 or not (Path(rest[0]) / "metrics.jsonl").is_file():
             raise SystemExit("usage: python docs/measure.py curves RUN_FOLDER (a folder with a metrics.jsonl)")

@@ -135,7 +135,8 @@ def main(argv):
             failed, printed, seconds = run(mutant, where, learning)
             holes += mutant is not None and not failed
             name = mutant[0] if mutant else "as it is"
-            print(f"{i:2}. {name}: {len(failed)} failed in {seconds:.0f} s: {', '.join(failed) or 'NOT CAUGHT'}"
+            verdict = ", ".join(failed) or ("passes" if mutant is None else "NOT CAUGHT")
+            print(f"{i:2}. {name}: {len(failed)} failed in {seconds:.0f} s: {verdict}"
                   + (f"  ({printed})" if printed else ""), flush=True)
     print(f"{len(chosen) - learning - holes} of {len(chosen) - learning} broken variants caught")
     return holes
