@@ -35,8 +35,8 @@ Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM):
  4. Rollouts with Hugging Face `generate` on the training model (one GPU or the CPU) instead of vLLM on 8 GPUs.
  5. No entropy bonus (official: 0.001); its estimate is logged instead.
  6. The memory phase reuses the action phase's context but not its KV cache: it is prefilled again.
- 7. The default data is a small fictional world (data/make_world.py) so that a run finishes in minutes to an
-    hour; the official runs train on NQ + HotpotQA and test on seven benchmarks.
+ 7. The default data is a small fictional world (data/make_world.py), so that the tiny run finishes in minutes
+    on a CPU; the official runs train on NQ + HotpotQA and test on seven benchmarks.
 """
 import argparse
 import contextlib
@@ -326,6 +326,7 @@ def generate(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperat
 def new_trajectory(question):
     """One question's trajectory, filled in turn by turn by rollout():
 
+    question          the question it answers: {"id", "question", "golden_answers", ...} as loaded
     convs             one conversation per turn (ReAct: one in all), each {"ids", "mask"}: the token ids the model
                       saw and wrote, with mask 1 on the tokens it sampled, the only ones GRPO trains
     memory            the current memory ("" before the first update)
@@ -845,7 +846,7 @@ def report(before, after):
     for k in m2["em_by_type"]:
         print(f"{'EM ' + k:24}{m1['em_by_type'][k]:12.3f}{m2['em_by_type'][k]:12.3f}")
     print(f"{'EM all':24}{m1['em']:12.3f}{m2['em']:12.3f}")
-    if m2["memory_keeping"] is not None:
+    if None not in (m1["memory_keeping"], m2["memory_keeping"]):
         print(f"{'memory keeping':24}{m1['memory_keeping']:12.3f}{m2['memory_keeping']:12.3f}")
     fixed = [i for i, (a, b) in enumerate(zip(t1, t2)) if a["reward"] < b["reward"]]
     broken = [i for i, (a, b) in enumerate(zip(t1, t2)) if a["reward"] > b["reward"]]

@@ -434,7 +434,8 @@ def test_small_update_with_qwen_vocabulary_kl_and_two_updates(tiny, monkeypatch)
     prompt = ms.render_prompt(tokenizer, "Where was Ilvo Marsk born?", "")
     up = tokenizer("<search> Ilvo Marsk born </search>", add_special_tokens=False).input_ids
     down = tokenizer("<answer> Tarvel </answer>", add_special_tokens=False).input_ids
-    rows = [{"ids": prompt + s, "mask": [0] * len(prompt) + [1] * len(s), "adv": a} for s, a in [(up, 1.0), (down, -1.0)]]
+    rows = [{"ids": prompt + s, "mask": [0] * len(prompt) + [1] * len(s), "adv": a}
+            for s, a in [(up, 1.0), (down, -1.0)]]
     small = ms.Config(**{**ms.PRESETS["small"], "output_dir": cfg.output_dir})
     assert small.updates_per_step == 2 and small.kl_coef > 0
     kls, losses = [], []
@@ -522,7 +523,8 @@ PLAYS = {"Where was Ilvo Marsk born?": ["<think> a </think><search> Ilvo Marsk <
                                         "<memory> Ilvo Marsk was born in Tarvel. </memory>",
                                         "<answer> Tarvel </answer>"],
          "In which country is Tarvel?": ["<search> Tarvel </search>", "<memory> Tarvel is a city. </memory>",
-                                         "<search> Tarvel country </search>", "<memory> Tarvel is in Osmaria. </memory>",
+                                         "<search> Tarvel country </search>",
+                                         "<memory> Tarvel is in Osmaria. </memory>",
                                          "<answer> Osmaria </answer>"]}
 
 
@@ -1140,7 +1142,8 @@ def test_user_errors_are_one_line_bugs_keep_their_traceback(tmp_path, monkeypatc
 
 def test_retriever_timeout_and_retries_reach_the_server_client():
     with serve(lambda req, n: (200, search_r1_answer(req), 1.0)) as (url, server):
-        cfg = ms.parse_args(["--tiny", "--retriever-url", url, "--retriever-timeout", "0.2", "--retriever-retries", "1"])
+        cfg = ms.parse_args(["--tiny", "--retriever-url", url, "--retriever-timeout", "0.2",
+                             "--retriever-retries", "1"])
         _, _, search = ms.load_data(cfg)
         start = time.time()
         with pytest.raises(r.RetrievalError, match="no answer within 0.2 s"):
