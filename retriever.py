@@ -1,4 +1,6 @@
-"""The search tool of MemSearcher: BM25 over a local corpus, or a remote server.
+"""The search tool of MemSearcher (BM25 over a local corpus, or a remote server), and the FlashRAG files it
+works on: `load_corpus` and `load_questions` read them line by line and stop at a bad line with its
+"path:line" (`DataError`).
 
 When the agent writes <search> query </search>, the environment calls a
 *searcher*: a function `searcher(queries, k)` that takes a list of query
@@ -122,13 +124,13 @@ def parse_corpus_row(row: dict, where: str) -> dict:
 
 def load_corpus(path) -> list[dict]:
     """Read a FlashRAG corpus JSONL into [{"id", "title", "text"}, ...].
-    Blank lines are skipped; any bad line raises ValueError("path:line: ...")."""
+    Blank lines are skipped; any bad line raises DataError("path:line: ...")."""
     docs, seen = [], {}
     for where, row in read_jsonl(path, "corpus"):
         doc = parse_corpus_row(row, where)
         if doc["id"] in seen:
             raise DataError(f"{where}: duplicate id {doc['id']!r} "
-                             f"(first seen on line {seen[doc['id']]}); ids must be unique")
+                            f"(first seen on line {seen[doc['id']]}); ids must be unique")
         seen[doc["id"]] = where.rsplit(":", 1)[1]
         docs.append(doc)
     if not docs:
