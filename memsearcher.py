@@ -131,7 +131,10 @@ class Config:
     warm_batch: int = flag(8, "conversations per imitation step", "at least 1")
     warm_lr: float = flag(3e-3, "learning rate of pretraining (constant) and imitation (peak; cosine decay)",
                           "at least 0")
-    expert_forget: float = flag(0.6, "expert: chance to drop a new fact once the memory holds one", "between 0 and 1")
+    expert_forget: float = flag(0.6, "MemSearcher's expert: chance to leave a new fact out of its memory once it "
+                                "holds one", "between 0 and 1")
+    expert_lose_track: float = flag(0.65, "ReAct's expert: chance to leave a new fact out of its next thought "
+                                    "once it holds one", "between 0 and 1")
     expert_early: float = flag(0.25, "expert: chance to answer without the final fact", "between 0 and 1")
     warm_start_dir: str = flag("runs/warm-start", "the warm-started tiny model is built once per setting, kept here")
     rebuild_warm_start: bool = flag(False, "build the warm start again even if one is kept")

@@ -701,17 +701,37 @@ def test_memsearcher_context_stays_flat_while_react_grows(tiny, searcher):
 
 
 def test_react_expert_makes_the_same_mistakes_in_one_masked_conversation(tiny, searcher):
-    """The ReAct expert: one conversation = prompt 0 | search 1 | passages 0 | ... | answer 1, no memory; and
-    with the same random draws it fails exactly the questions the MemSearcher expert fails."""
+    """The ReAct expert: one conversation = prompt 0 | search 1 | passages 0 | ... | answer 1, no memory. At the
+    same rate and with the same random draws, it restates a fact at the start of its next thought exactly when
+    the MemSearcher expert writes it into its memory, and fails exactly the same questions; at its own default
+    rate it fails about as often."""
     cfg, _, tokenizer = tiny
     questions = r.load_questions(cfg.train_file[0])[:200]
-    play = {w: [warm.expert_trajectory(q, searcher, tokenizer, tiny_config(cfg.output_dir, workflow=w), rng)
-                for q, rng in zip(questions, [random.Random(i) for i in range(len(questions))])]
-            for w in ms.WORKFLOWS}
-    assert [t["reward"] for t in play["react"]] == [t["reward"] for t in play["memsearcher"]]
-    assert 0.2 < sum(t["reward"] == 0 for t in play["react"]) / len(questions) < 0.8       # both sorts
+
+    def play(workflow, **rates):
+        return [warm.expert_trajectory(q, searcher, tokenizer, tiny_config(cfg.output_dir, workflow=workflow, **rates),
+                                       random.Random(i)) for i, q in enumerate(questions)]
+
+    def written(t):                                 # what the expert wrote: every trained token
+        return tokenizer.decode([i for c in t["convs"] for i, m in zip(c["ids"], c["mask"]) if m])
+
+    def failed(trajs):
+        return sum(t["reward"] == 0 for t in trajs) / len(trajs)
+
+    memsearcher, react = play("memsearcher"), play("react", expert_lose_track=ms.Config().expert_forget)
+    assert [t["reward"] for t in react] == [t["reward"] for t in memsearcher] and 0.2 < failed(react) < 0.8
+    kept = {"memsearcher": [], "react": []}         # after each passage read: was its fact taken in?
+    for mem, rea in zip(memsearcher, react):
+        facts = [h["fact"] for h in mem["question"]["support"]]
+        held = [sum(f in m for f in facts) for m in re.findall(r"<memory>(.*?)</memory>", written(mem))]
+        kept["memsearcher"] += [now > before for before, now in zip([0] + held, held)]
+        thoughts = re.findall(r"<think>(.*?)</think>", written(rea))[1:]        # every thought after a passage
+        kept["react"] += [any(th.strip().startswith(f) for f in facts) for th in thoughts]
+    assert kept["react"] == kept["memsearcher"] and 0.3 < sum(kept["react"]) / len(kept["react"]) < 0.9
+    react = play("react")                           # --expert-lose-track 0.65 against --expert-forget 0.6
+    assert 0 < failed(react) - failed(memsearcher) < 0.06
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids              # noqa: E731
-    for t in play["react"]:
+    for t in react:
         conv, = t["convs"]
         ids, mask = conv["ids"], conv["mask"]
         prompt = ms.render_prompt(tokenizer, t["question"]["question"], None, "react")
@@ -746,7 +766,22 @@ def test_both_trained_command_writes_its_table(tmp_path):
     for run in report["runs"].values():
         assert 0 <= run["after"]["em"] <= 1 and run["peak_rss_mb"] > 0 and run["rollout_s"] > 0
     assert "greedy test EM, before -> after GRPO" in result.stdout and "tokens processed" in result.stdout
+    assert "leaked semaphore" not in result.stderr
     assert len(list((tmp_path / "warm").glob("tiny-react-seed0-*"))) == 1
+
+
+def test_both_trained_table_averages_a_turn_over_the_runs_that_reached_it(capsys):
+    def run(per_turn):
+        after = {"em": 0.5, "em_by_type": {"1-hop": 0.5}, "context_tokens_per_turn": per_turn,
+                 "context_tokens_max": [2 * c for c in per_turn], "last_turn_context": 1, "processed_tokens": 1}
+        return {"before": after, "after": after, "rollout_s": 1, "update_s": 1, "peak_rss_mb": 1}
+    results = {"memsearcher seed 0": run([100, 90]), "memsearcher seed 1": run([100]),
+               "react seed 0": run([100, 200, 300]), "react seed 1": run([120, 220, 330])}
+    measure.print_both_trained(results, [0, 1])
+    rows = {line[:36].strip(): line[36:].split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["context tokens at turn 2: mean"] == ["90", "210"]
+    assert rows["context tokens at turn 3: mean"] == ["-", "315"]
+    assert rows["max, any seed"] == ["-", "660"]
 
 
 def test_react_trains_with_the_same_grpo_code(tmp_path):

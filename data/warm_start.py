@@ -36,8 +36,8 @@ import memsearcher as ms
 from retriever import format_hits, load_corpus, local_searcher
 from runs import save_model, write_atomic
 
-# Bump when this file changes what a warm start produces: the kept ones are then built again.
-WARM_START_VERSION = 2
+# Bump a workflow's number when this file changes what its warm start produces: kept ones are then built again.
+WARM_START_VERSION = {"memsearcher": 2, "react": 3}
 # Everything else a warm start depends on: these settings and the data files.
 WARM_START_SETTINGS = ["seed", "tiny_hidden", "tiny_layers", "tiny_vocab", "pretrain_steps", "warm_steps",
                        "warm_batch", "warm_lr", "expert_forget", "expert_early", "max_turns", "top_k",
@@ -49,7 +49,9 @@ def tiny_policy(cfg):
     settings = {name: getattr(cfg, name) for name in WARM_START_SETTINGS}
     settings["data_sha1"] = hashlib.sha1(b"".join(Path(f).read_bytes() for f in [cfg.corpus, *cfg.train_file])
                                          ).hexdigest()
-    settings["version"] = WARM_START_VERSION
+    settings["version"] = WARM_START_VERSION[cfg.workflow]
+    if cfg.workflow == "react":                         # its expert's own mistake rate
+        settings["expert_lose_track"] = cfg.expert_lose_track
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     settings["workflow"] = cfg.workflow                 # named in the folder: its expert plays this workflow
     folder = Path(cfg.warm_start_dir) / f"tiny-{cfg.workflow}-seed{cfg.seed}-{digest}"
@@ -184,16 +186,26 @@ EXPERT_MEMORY = "<memory> {} </memory>"
 def expert_trajectory(question, search, tokenizer, cfg, rng):
     """Play one question with the scripted expert -> a trajectory in the same format as ms.rollout()'s.
 
-    Both workflows' experts search the same hops and draw the same random mistakes. MemSearcher's expert keeps
-    a fact by writing it into its memory, and forgets by leaving it out. ReAct's expert cannot forget what stays
-    in its context, so its mistake is to lose track: it ignores the fact it has just read. Either way it then
-    searches the same hop again, so the two experts fail the same questions equally often.
+    Both workflows' experts search the same hops, and their mistakes are drawn from the same random numbers.
+    MemSearcher's expert keeps a fact by writing it into its memory, and forgets by leaving it out. ReAct's
+    expert cannot forget what stays in its context, so its mistake is to lose track: it takes a fact in by
+    restating it at the start of its next thought, and loses track by not restating it and searching the same
+    hop again. Either way the mistake is written down before the next action: the imitator learns it as a
+    choice of its own.
+    ReAct's rate is a little higher (--expert-lose-track 0.65 against --expert-forget 0.6): under greedy
+    decoding, a fact left out of MemSearcher's memory leaves its next context exactly as it was, so its
+    imitator repeats the mistake every turn, while ReAct's context changes with every search, which gives its
+    imitator a fresh chance each turn. The README gives both experts' failure rates and both imitators' EM.
     """
     t = ms.new_trajectory(question)
     support, noted = question["support"], ""           # the facts the expert acts on (MemSearcher: its memory)
+    restate = ""                                        # ReAct: the fact its next thought starts with
 
     def add(conv, text, trained):                       # the expert's text is tokenized: it was never sampled
         ms.extend_conversation(conv, tokenizer(text, add_special_tokens=False).input_ids, trained)
+
+    def act(conv, text):                                # an action, its thought starting with `restate`
+        add(conv, text.replace("<think> ", f"<think> {restate} ", 1) if restate else text, True)
 
     for turn in range(cfg.max_turns):
         if cfg.workflow == "memsearcher" or turn == 0:  # as in ms.rollout: ReAct keeps one conversation
@@ -205,19 +217,23 @@ def expert_trajectory(question, search, tokenizer, cfg, rng):
         missing = [h for h in support if h["fact"] not in noted]
         if not missing or (known and rng.random() < cfg.expert_early):
             t["answer"] = question["golden_answers"][0] if not missing else known[-1]["finding"]
-            add(conv, EXPERT_ANSWER.format(t["answer"]), True)
+            act(conv, EXPERT_ANSWER.format(t["answer"]))
             t["stop"] = "answered"
             break
         hop = missing[0]
-        add(conv, EXPERT_SEARCH.format(hop["query"]), True)
+        act(conv, EXPERT_SEARCH.format(hop["query"]))
         if turn == cfg.max_turns - 1:
             t["stop"] = "max_turns"
             break
         add(conv, ms.information_text(search([hop["query"]], cfg.top_k)[0]), False)
-        if not (noted and rng.random() < cfg.expert_forget):
+        rate = cfg.expert_forget if cfg.workflow == "memsearcher" else cfg.expert_lose_track
+        kept = not (noted and rng.random() < rate)
+        if kept:
             noted = f"{noted} {hop['fact']}".strip()
         if cfg.workflow == "memsearcher":
             add(conv, EXPERT_MEMORY.format(noted), True)
+        else:
+            restate = hop["fact"] if kept else ""
     t["stop"] = t["stop"] or "max_turns"
     t["reward"] = ms.exact_match(t["answer"], question["golden_answers"]) if t["answer"] is not None else 0.0
     return t

@@ -236,6 +236,8 @@ def both_trained(argv, seeds, out):
             print(f"\n=== {workflow}, seed {seed} ===", flush=True)
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 results[f"{workflow} seed {seed}"] = pool.apply(train_one, (cfg,))
+                pool.close()                                # let it exit by itself, not be terminated
+                pool.join()
     report = {"command": argv, "seeds": seeds, "runs": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "both_trained.json").write_text(json.dumps(report, indent=1))
@@ -262,10 +264,18 @@ def print_both_trained(results, seeds):
     em_row("greedy test EM, before -> after GRPO", lambda m: m["em"])
     for kind in results[f"memsearcher seed {seeds[0]}"]["after"]["em_by_type"]:
         em_row(f"  {kind}", lambda m: m["em_by_type"][kind])
+    def turn_row(label, turn, key, combine):             # over the seeds whose runs reached this turn
+        cells = []
+        for w in ms.WORKFLOWS:
+            values = [results[f"{w} seed {s}"]["after"][key][turn] for s in seeds
+                      if len(results[f"{w} seed {s}"]["after"][key]) > turn]
+            cells.append(f"{combine(values):.0f}" if values else "-")
+        print(f"{label:36}" + "".join(f"{c:>18}" for c in cells))
+
     turns = max(len(r["after"]["context_tokens_per_turn"]) for r in results.values())
-    for i in range(turns):                               # a workflow that ends earlier shows 0
-        row(f"context tokens at turn {i + 1}: mean", lambda r: (r["after"]["context_tokens_per_turn"] + [0] * turns)[i])
-        row("                            max", lambda r: (r["after"]["context_tokens_max"] + [0] * turns)[i])
+    for i in range(turns):
+        turn_row(f"context tokens at turn {i + 1}: mean", i, "context_tokens_per_turn", lambda v: sum(v) / len(v))
+        turn_row("                   max, any seed", i, "context_tokens_max", max)
     row("context tokens at the last turn", lambda r: r["after"]["last_turn_context"])
     row("tokens processed per trajectory", lambda r: r["after"]["processed_tokens"])
     row("seconds per GRPO step: rollout", lambda r: r["rollout_s"], "{:.2f}")
@@ -283,12 +293,14 @@ def plot_both_trained(results, seeds, path):
         runs = [results[f"{workflow} seed {s}"] for s in seeds]
         em.bar([i - 0.2, i + 0.2], [sum(r[k]["em"] for r in runs) / len(runs) for k in ["before", "after"]],
                width=0.35, color=["#bbbbbb", f"C{i}"])
-        longest = max(runs, key=lambda r: len(r["after"]["context_tokens_per_turn"]))["after"]
-        context.plot(range(1, len(longest["context_tokens_per_turn"]) + 1), longest["context_tokens_per_turn"],
-                     marker="o", color=f"C{i}", label=workflow)
+        per_turn = [r["after"]["context_tokens_per_turn"] for r in runs]
+        turns = range(max(len(c) for c in per_turn))        # each turn: over the runs that reached it
+        mean = [sum(c[t] for c in per_turn if len(c) > t) / sum(len(c) > t for c in per_turn) for t in turns]
+        context.plot([t + 1 for t in turns], mean, marker="o", color=f"C{i}", label=workflow)
     em.set(xticks=range(len(ms.WORKFLOWS)), xticklabels=[f"{w}\nbefore | after" for w in ms.WORKFLOWS],
            ylabel="greedy test EM", ylim=(0, 1), title=f"both trained by GRPO (mean of {len(seeds)} seeds)")
     context.set(xlabel="turn", ylabel="context tokens (mean)", ylim=(0, None), title="context per turn after GRPO")
+    context.xaxis.get_major_locator().set_params(integer=True)
     context.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
