@@ -264,6 +264,7 @@ def print_both_trained(results, seeds):
     em_row("greedy test EM, before -> after GRPO", lambda m: m["em"])
     for kind in results[f"memsearcher seed {seeds[0]}"]["after"]["em_by_type"]:
         em_row(f"  {kind}", lambda m: m["em_by_type"][kind])
+
     def turn_row(label, turn, key, combine):             # over the seeds whose runs reached this turn
         cells = []
         for w in ms.WORKFLOWS:
