@@ -13,7 +13,7 @@ reinforce. Qwen2.5-Instruct arrives knowing the format and able to copy a name; 
       - answer early: with the final fact still missing, it answers with what the last hop found (the city
         instead of its country: the wrong field).
     The model imitates it by cross-entropy on exactly the tokens RL trains (the loss mask), to convergence.
-    With --workflow react the expert plays ReAct instead, with mistakes of the same strength (expert_trajectory).
+    With --workflow react the expert plays ReAct; its mistake is to lose track of a fact (expert_trajectory).
 The imitator then samples good and bad trajectories for the same question, which is what GRPO needs, while
 greedy decoding follows the expert's more likely choice: it forgets, as the expert does 60% of the time.
 
