@@ -422,7 +422,7 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
     bar.close()
     for t in trajs:
         t["stop"] = t["stop"] or "max_turns"
-        t["reward"] = exact_match(t["answer"], t["question"]["golden_answers"]) if t["answer"] is not None else 0.0
+        t["reward"] = trajectory_reward(t)
     return trajs
 
 
@@ -439,6 +439,11 @@ def normalize_answer(text):
 
 def exact_match(prediction, golden_answers):
     return float(any(normalize_answer(prediction) == normalize_answer(g) for g in golden_answers))
+
+
+def trajectory_reward(t):
+    """A finished trajectory's reward: the exact match of its final answer; 0 if it never answered."""
+    return exact_match(t["answer"], t["question"]["golden_answers"]) if t["answer"] is not None else 0.0
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -235,7 +235,7 @@ def expert_trajectory(question, search, tokenizer, cfg, rng):
         else:
             restate = hop["fact"] if kept else ""
     t["stop"] = t["stop"] or "max_turns"
-    t["reward"] = ms.exact_match(t["answer"], question["golden_answers"]) if t["answer"] is not None else 0.0
+    t["reward"] = ms.trajectory_reward(t)
     return t
 
 
