@@ -622,11 +622,18 @@ def train_on_rows(model, ref_model, optimizer, rows, cfg, pad_id):
             "entropy_proxy": totals["neg_logp"] / n_forward if totals["n_forward"] else None}
 
 
-def grpo_step(model, ref_model, optimizer, tokenizer, search, train_qs, cfg):
-    """One step of multi-context GRPO: G rollouts of each question -> exact-match rewards -> group advantages
-    -> every conversation a training row with its trajectory's advantage -> the update. -> (trajs, stats)"""
+def step_questions(train_qs, cfg, step):
+    """The questions of training step `step`, drawn from the seed and the step alone: every run with this seed
+    (either workflow, resumed or not) trains on the same questions at every step."""
+    rng = random.Random(f"questions {cfg.seed} {step}")
+    return rng.sample(train_qs, min(cfg.questions_per_step, len(train_qs)))
+
+
+def grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg):
+    """One step of multi-context GRPO on the questions `batch`: G rollouts of each -> exact-match rewards ->
+    group advantages -> every conversation a training row with its trajectory's advantage -> the update.
+    -> (trajs, stats)"""
     t0 = time.time()
-    batch = random.sample(train_qs, min(cfg.questions_per_step, len(train_qs)))
     questions = [q for q in batch for _ in range(cfg.group_size)]           # G copies, consecutively
     model.eval()
     trajs = rollout(model, tokenizer, search, questions, cfg)
@@ -754,7 +761,8 @@ def train_and_evaluate(cfg, initial):
     try:
         for step in bar:
             rng = rng_states()                             # a step that fails is taken again on --resume
-            trajs, stats = grpo_step(model, ref_model, optimizer, tokenizer, search, train_qs, cfg)
+            batch = step_questions(train_qs, cfg, step)
+            trajs, stats = grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg)
             done = step + 1
             metrics = summarize(trajs)
             tokens_per_s = metrics["sampled_tokens"] * len(trajs) / stats["rollout_s"]

@@ -477,8 +477,9 @@ def test_grpo_step_groups_G_copies_and_gives_every_conversation_its_advantage(ti
 
     monkeypatch.setattr(ms, "rollout", scripted_rollout)
     monkeypatch.setattr(ms, "train_on_rows", lambda model, ref, opt, rows, cfg, pad: seen.update(rows=rows) or {})
-    trajs, stats = ms.grpo_step(model, None, None, tokenizer, searcher, r.load_questions(cfg.test_file[0]),
-                                tiny_config(cfg.output_dir, group_size=4, questions_per_step=3))
+    step_cfg = tiny_config(cfg.output_dir, group_size=4, questions_per_step=3)
+    batch = ms.step_questions(r.load_questions(cfg.test_file[0]), step_cfg, step=0)
+    trajs, stats = ms.grpo_step(model, None, None, tokenizer, searcher, batch, step_cfg)
     ids = [q["id"] for q in seen["questions"]]
     assert len(set(ids)) == 3 and ids == [i for i in ids[::4] for _ in range(4)]     # G copies, consecutively
     advantages = ms.group_advantages([t["reward"] for t in trajs], 4)
