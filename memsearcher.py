@@ -334,7 +334,8 @@ def new_trajectory(question):
                       saw and wrote, with mask 1 on the tokens it sampled, the only ones GRPO trains
     memory            the current memory ("" before the first update)
     turns             per turn, for logs and metrics: memory_before, action, query, hits, memory_output, memory
-    context_tokens    per turn, the length of the longest context the model attended over
+    context_tokens    per turn, the longest context a generate call of that turn attended over (what it was
+                      given and what it wrote; ReAct's passages count from the turn that reads them)
     processed_tokens  the sum of every generate call's context length: what the trajectory cost
     answer, stop, reward   the final answer (None if it never answered), why it ended (STOP_REASONS), its reward
     """
@@ -379,6 +380,7 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
         for t, (ids, text, stopped) in zip(live, outs):
             extend_conversation(t["convs"][-1], ids, True)
             t["processed_tokens"] += len(t["convs"][-1]["ids"])      # what this generate call attended over
+            t["context_tokens"].append(len(t["convs"][-1]["ids"]))
             t["turns"][-1]["action"] = text
             kind, content = parse_action(text)
             if not stopped:
@@ -408,6 +410,7 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
                 for t, (ids, text, stopped) in zip(searching, outs):
                     extend_conversation(t["convs"][-1], ids, True)
                     t["processed_tokens"] += len(t["convs"][-1]["ids"])
+                    t["context_tokens"][-1] = len(t["convs"][-1]["ids"])    # the turn's longer call
                     t["turns"][-1]["memory_output"] = text
                     memory, reason = memory_update(text, tokenizer, cfg.max_memory_tokens)
                     if not stopped:
@@ -416,8 +419,6 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
                         t["stop"] = reason
                     else:
                         t["memory"] = t["turns"][-1]["memory"] = memory
-        for t in live:
-            t["context_tokens"].append(len(t["convs"][-1]["ids"]))   # the longest context of this turn
         bar.update(sum(t["stop"] is not None for t in live))
     bar.close()
     for t in trajs:

@@ -112,11 +112,14 @@ def test_prompt_holds_question_and_memory_only(tiny):
     assert tokenizer(text, add_special_tokens=False).input_ids == ids      # nothing lost in rendering
 
 
-def test_prompt_length_does_not_depend_on_history(tiny):
-    _, _, tokenizer = tiny
-    short = ms.render_prompt(tokenizer, "Q?", "")
-    assert len(ms.render_prompt(tokenizer, "Q?", "")) == len(short)
-    assert len(ms.render_prompt(tokenizer, "Q?", "one fact.")) > len(short)
+def test_each_turn_starts_from_the_question_and_its_memory_alone(tiny, searcher):
+    trajs, tokenizer = scripted_rollout(tiny, searcher, "memsearcher", searches=3)
+    for t in trajs:
+        assert len(t["convs"]) == len(t["turns"]) == 4
+        for i, (conv, turn) in enumerate(zip(t["convs"], t["turns"])):
+            prompt = ms.render_prompt(tokenizer, t["question"]["question"], turn["memory_before"])
+            assert conv["ids"][:len(prompt)] == prompt and conv["mask"][:len(prompt) + 1] == [0] * len(prompt) + [1]
+            assert turn["memory_before"] == (t["turns"][i - 1]["memory"] if i else "")
 
 
 # --------------------------------------------------------------------------------------------- parsing ---
@@ -690,6 +693,52 @@ def test_workflows_agree_on_one_turn_answers(tiny, searcher):
         assert sampled[0] == sampled[1]
 
 
+def test_context_per_turn_is_what_each_generate_call_attended_over(tiny, searcher):
+    """A turn's context is its longest generate call's: the ids it was given plus the ids it wrote. ReAct reads a
+    turn's passages only in the next turn, so they count there."""
+    cfg, model, tokenizer = tiny
+    questions = r.load_questions(cfg.test_file[0])[:6]
+    for workflow in ms.WORKFLOWS:
+        policy, calls = measure.scripted_policy(questions, searches=3), []
+
+        def recording(model, tokenizer, contexts, stops, *args):
+            outs = policy(model, tokenizer, contexts, stops, *args)
+            calls.extend((tokenizer.decode(c), stops, len(c) + len(ids)) for c, (ids, _, _) in zip(contexts, outs))
+            return outs
+
+        trajs = ms.rollout(model, tokenizer, searcher, questions, tiny_config(cfg.output_dir), greedy=True,
+                           max_turns=5, workflow=workflow, generate_fn=recording)
+        for t in trajs:
+            expected = []
+            for text, stops, length in calls:
+                if f"<question> {t['question']['question']} </question>" in text:
+                    if stops == ms.ACTION_STOPS:
+                        expected.append(length)              # an action starts a turn
+                    else:
+                        expected[-1] = max(expected[-1], length)
+            assert t["context_tokens"] == expected and len(expected) == 4
+
+
+def test_a_search_on_the_last_turn_ends_the_trajectory_unread(tiny, searcher):
+    cfg, model, tokenizer = tiny
+    questions = r.load_questions(cfg.test_file[0])[:4]
+    queries = []
+
+    def counting(batch, k):
+        queries.append(len(batch))
+        return searcher(batch, k)
+
+    for workflow in ms.WORKFLOWS:
+        queries.clear()
+        trajs = ms.rollout(model, tokenizer, counting, questions, tiny_config(cfg.output_dir), greedy=True,
+                           max_turns=3, workflow=workflow, generate_fn=measure.scripted_policy(questions, 5))
+        assert queries == [4, 4]                            # turns 1 and 2 search; turn 3's search is never run
+        for t in trajs:
+            assert t["stop"] == "max_turns" and len(t["turns"]) == 3 and t["answer"] is None
+            assert "query" not in t["turns"][-1] and "hits" not in t["turns"][-1]
+            assert "memory_output" not in t["turns"][-1] and t["convs"][-1]["mask"][-1] == 1   # ends on its action
+
+
 def test_memsearcher_context_stays_flat_while_react_grows(tiny, searcher):
     flat, _ = scripted_rollout(tiny, searcher, "memsearcher", searches=7, n=20)
     grows, _ = scripted_rollout(tiny, searcher, "react", searches=7, n=20)
@@ -709,9 +758,9 @@ def test_react_expert_makes_the_same_mistakes_in_one_masked_conversation(tiny, s
     cfg, _, tokenizer = tiny
     questions = r.load_questions(cfg.train_file[0])[:200]
 
-    def play(workflow, **rates):
-        return [warm.expert_trajectory(q, searcher, tokenizer, tiny_config(cfg.output_dir, workflow=workflow, **rates),
-                                       random.Random(i)) for i, q in enumerate(questions)]
+    def play(workflow, **rates):                    # as imitate() plays them
+        return warm.expert_trajectories(questions, searcher, tokenizer,
+                                        tiny_config(cfg.output_dir, workflow=workflow, **rates))
 
     def written(t):                                 # what the expert wrote: every trained token
         return tokenizer.decode([i for c in t["convs"] for i, m in zip(c["ids"], c["mask"]) if m])
@@ -731,6 +780,8 @@ def test_react_expert_makes_the_same_mistakes_in_one_masked_conversation(tiny, s
     assert kept["react"] == kept["memsearcher"] and 0.3 < sum(kept["react"]) / len(kept["react"]) < 0.9
     react = play("react")                           # --expert-lose-track 0.65 against --expert-forget 0.6
     assert 0 < failed(react) - failed(memsearcher) < 0.06
+    same = sum(a["reward"] == b["reward"] for a, b in zip(react, memsearcher)) / len(questions)
+    assert same > 0.9                               # coupled per question: a few more mistakes, on the same draws
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids              # noqa: E731
     for t in react:
         conv, = t["convs"]

@@ -37,7 +37,7 @@ from retriever import format_hits, load_corpus, local_searcher
 from runs import save_model, write_atomic
 
 # Bump a workflow's number when this file changes what its warm start produces: kept ones are then built again.
-WARM_START_VERSION = {"memsearcher": 2, "react": 3}
+WARM_START_VERSION = {"memsearcher": 3, "react": 4}
 # Everything else a warm start depends on: these settings and the data files.
 WARM_START_SETTINGS = ["seed", "tiny_hidden", "tiny_layers", "tiny_vocab", "pretrain_steps", "warm_steps",
                        "warm_batch", "warm_lr", "expert_forget", "expert_early", "max_turns", "top_k",
@@ -186,7 +186,8 @@ EXPERT_MEMORY = "<memory> {} </memory>"
 def expert_trajectory(question, search, tokenizer, cfg, rng):
     """Play one question with the scripted expert -> a trajectory in the same format as ms.rollout()'s.
 
-    Both workflows' experts search the same hops, and their mistakes are drawn from the same random numbers.
+    Both workflows' experts search the same hops, and their mistakes are drawn from the same random numbers
+    (expert_trajectories gives each question its own).
     MemSearcher's expert keeps a fact by writing it into its memory, and forgets by leaving it out. ReAct's
     expert cannot forget what stays in its context, so its mistake is to lose track: it takes a fact in by
     restating it at the start of its next thought, and loses track by not restating it and searching the same
@@ -245,10 +246,18 @@ def warmup_cosine(optimizer, steps, warmup=20):
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
 
 
+def expert_trajectories(questions, search, tokenizer, cfg):
+    """The expert plays every question, each with random numbers of its own (drawn from the seed and the
+    question's id): both workflows' experts then make their mistakes at the same points of the same questions,
+    and a decision that differs on one question cannot shift the draws of all the questions after it."""
+    return [expert_trajectory(q, search, tokenizer, cfg, random.Random(f"expert {cfg.seed} {q['id']}"))
+            for q in tqdm(questions, desc="expert", leave=False)]
+
+
 def imitate(model, tokenizer, search, questions, cfg):
     """Imitation learning on expert trajectories: token-level cross-entropy on the loss-mask tokens."""
     rng = random.Random(cfg.seed)
-    experts = [expert_trajectory(q, search, tokenizer, cfg, rng) for q in tqdm(questions, desc="expert", leave=False)]
+    experts = expert_trajectories(questions, search, tokenizer, cfg)
     rows = [c for t in experts for c in t["convs"]]
     flawed = sum(t["reward"] == 0 for t in experts) / len(experts)
     print(f"imitation: {len(experts)} expert trajectories ({flawed:.0%} end without the right answer), "

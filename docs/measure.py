@@ -208,8 +208,9 @@ def plot_context(r, path):
 
 # -----------------------------------------------------------------------------------------------------------
 # MemSearcher and ReAct, both trained: the paper's headline comparison in miniature. Each workflow starts from
-# its own warm start (the same pretraining, the same expert searches with mistakes of the same strength, the
-# same imitation steps) and gets the same GRPO budget; both are then evaluated greedily on the same questions.
+# its own warm start (the same pretraining, the same expert searches with their mistakes drawn from the same
+# random numbers, the same imitation steps) and gets the same GRPO budget on the same questions at every step;
+# both are then evaluated greedily on the same test questions.
 
 def train_one(cfg):
     """One GRPO run, in its own process (so that its peak memory is its own) -> what the table shows."""
