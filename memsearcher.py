@@ -292,8 +292,10 @@ class SampleFromSoftmax(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)          # [B, V]
-        cdf = probs.cumsum(dim=-1)                                                  # [B, V]
-        u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]                # [B, 1] in [0, total)
+        # float64: over Qwen's 151,936 tokens a float32 running sum drifts by ~1e-3 and leaves thousands of
+        # small-probability tokens with an empty interval, never drawn.
+        cdf = probs.double().cumsum(dim=-1)                                         # [B, V]
+        u = torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]   # [B, 1] in [0, total)
         token = torch.searchsorted(cdf, u, right=True)                              # [B, 1] first cdf > u
         return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
 
@@ -501,7 +503,10 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, n_tokens, clip_eps, dual_clip
         kl = torch.exp(d) - d - 1                                           # [B, T]
         per_token = pg + kl_coef * kl
     loss = (per_token * mask).sum() / n_tokens                              # scalar
-    stats = {"clip_frac": (((ratio - 1).abs() > clip_eps).float() * mask).sum().item(),
+    # clip_frac counts the tokens whose loss the clip changed (where it binds, as verl counts it), not every
+    # ratio outside [1 - eps, 1 + eps]: a ratio above 1 + eps with a negative advantage is not clipped.
+    clipped_here = (-clipped * a > -ratio * a).float()                      # [B, T]
+    stats = {"clip_frac": (clipped_here * mask).sum().item(),
              "kl": (kl * mask).sum().item()}                                # sums; divided by n_tokens later
     return loss, stats
 
@@ -572,17 +577,20 @@ def collate(rows, pad_id, device):
     return ids.to(device), attention.to(device), mask.to(device), adv.to(device)
 
 
+def needs_forward(row, cfg):
+    """A row with zero advantage has zero loss and zero gradient when there is no KL term: its forward pass can be
+    skipped. It still counts in its mini-batch's token mean (n_tokens), so the update is exactly the same."""
+    return row["adv"] != 0 or cfg.kl_coef > 0
+
+
 def train_on_rows(model, ref_model, optimizer, rows, cfg, pad_id):
     """One rollout batch -> `updates_per_step` optimizer steps (PPO mini-batches, one epoch). Returns stats."""
-    # Rows with zero advantage have zero loss and zero gradient when there is no KL term: skip their forward
-    # pass. They still count in each mini-batch's token mean (n_tokens), so the update is exactly the same.
-    needs_forward = (lambda r: r["adv"] != 0) if cfg.kl_coef == 0 else (lambda r: True)
     order = list(range(len(rows)))
     random.shuffle(order)
     minibatches = []                                        # (sampled tokens, [collated micro-batches])
     for k in range(cfg.updates_per_step):
         rows_k = [rows[i] for i in order[k::cfg.updates_per_step]]
-        micro = pack_micro_batches([r for r in rows_k if needs_forward(r)], cfg.micro_batch_tokens)
+        micro = pack_micro_batches([r for r in rows_k if needs_forward(r, cfg)], cfg.micro_batch_tokens)
         n_tokens = max(1, sum(sum(r["mask"]) for r in rows_k))
         minibatches.append((n_tokens, [collate(b, pad_id, model.device) for b in micro]))
 
@@ -612,6 +620,9 @@ def train_on_rows(model, ref_model, optimizer, rows, cfg, pad_id):
             totals["neg_logp"] -= (old_logp * mask).sum().item()    # -log pi_rollout of sampled tokens
             totals["n_forward"] += mask.sum().item()
             totals["loss"] += loss.item()
+        for p in model.parameters():        # all rows skipped: a zero gradient, so AdamW still takes its step
+            if p.requires_grad and p.grad is None:   # (momentum, weight decay), exactly as if the rows had run
+                p.grad = torch.zeros_like(p)
         totals["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         optimizer.step()
     n_forward = max(1, totals["n_forward"])
@@ -665,7 +676,12 @@ def load_policy(path, device):
                          "machine that can reach the hub; --tiny needs neither.") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
+    # A generation ends on any end id the model ships (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>), the
+    # tokenizer's EOS or <|im_end|>.
+    shipped = model.generation_config.eos_token_id
+    shipped = shipped if isinstance(shipped, list) else [shipped]
+    eos = {*shipped, tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    eos -= {None, tokenizer.unk_token_id}
     # Drop the shipped sampling defaults (Qwen: temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05):
     # rollouts must sample from the very distribution whose log-probs we train, softmax(logits / temperature),
     # which SampleFromSoftmax does on top of plain greedy decoding.

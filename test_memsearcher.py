@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 from rank_bm25 import BM25Okapi
+from transformers import GenerationConfig
 
 import data.make_world as make_world
 import data.warm_start as warm
@@ -339,6 +340,81 @@ def test_update_is_a_token_mean_over_the_mini_batch(tiny):
     assert torch.allclose(one_batch, without * 15 / 21, atol=1e-6)
 
 
+def random_rows(tokenizer, spec, seed=0):
+    """Rows of random ids: spec is [(length, sampled tokens at the end, advantage), ...]."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{"ids": torch.randint(3, len(tokenizer), (length,), generator=gen).tolist(),
+             "mask": [0] * (length - sampled) + [1] * sampled, "adv": adv} for length, sampled, adv in spec]
+
+
+def test_later_updates_compare_with_the_policy_that_sampled(tiny, monkeypatch):
+    """With two updates per batch, the second one's ratio is pi / pi_rollout with pi_rollout frozen before the
+    first update: the policy has moved, so the ratio is no longer 1 and the clip can act."""
+    cfg, model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    rows = random_rows(tokenizer, [(12, 5, 1.0), (10, 6, -1.0), (14, 4, 1.0), (9, 5, -1.0)])
+    seen, real_loss = [], ms.grpo_loss
+    monkeypatch.setattr(ms, "grpo_loss", lambda logp, old, *a: seen.append((logp.detach(), old)) or real_loss(
+        logp, old, *a))
+    ms.train_on_rows(model, None, torch.optim.SGD(model.parameters(), lr=1.0), rows,
+                     tiny_config(cfg.output_dir, updates_per_step=2, micro_batch_tokens=10**6), tokenizer.pad_token_id)
+    (first, first_old), (second, second_old) = seen
+    assert torch.equal(first, first_old)                    # the first update: the policy that sampled
+    assert (second - second_old).abs().max() > 1e-3         # the second: the policy has moved since
+
+
+def test_zero_advantage_rows_are_trained_by_the_kl_term(tiny):
+    """With a KL term, a row with advantage 0 still has a gradient (its KL to the reference): it is not skipped."""
+    cfg, model, tokenizer = tiny
+    policy, ref = copy.deepcopy(model), sharpened(model).requires_grad_(False)
+    rows = random_rows(tokenizer, [(12, 5, 0.0), (10, 6, 0.0)])
+    before = [p.detach().clone() for p in policy.parameters()]
+    ms.train_on_rows(policy, ref, torch.optim.SGD(policy.parameters(), lr=1.0), rows,
+                     tiny_config(cfg.output_dir, kl_coef=0.1), tokenizer.pad_token_id)
+    assert max((p - b).abs().max().item() for p, b in zip(policy.parameters(), before)) > 0
+
+
+def test_a_batch_of_skipped_rows_still_takes_the_optimizer_step(tiny, monkeypatch):
+    """Skipping zero-advantage rows (no KL) changes nothing: AdamW still steps on a zero gradient (its momentum
+    and weight decay move the weights) exactly as if the rows had run."""
+    cfg, model, tokenizer = tiny
+    quiet = tiny_config(cfg.output_dir, weight_decay=0.1)
+    moved = []
+    for skip in (True, False):
+        policy = copy.deepcopy(model)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2, weight_decay=quiet.weight_decay)
+        ms.train_on_rows(policy, None, optimizer, random_rows(tokenizer, [(12, 5, 1.0), (10, 6, -1.0)]), quiet, 0)
+        if not skip:
+            monkeypatch.setattr(ms, "needs_forward", lambda row, cfg: True)
+        before = [p.detach().clone() for p in policy.parameters()]
+        ms.train_on_rows(policy, None, optimizer, random_rows(tokenizer, [(12, 5, 0.0), (10, 6, 0.0)], 1), quiet, 0)
+        moved.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(policy.parameters(), before)]))
+    assert moved[0].abs().max() > 0 and torch.allclose(moved[0], moved[1], atol=1e-7)
+
+
+def test_clip_fraction_counts_where_the_clip_binds():
+    """A ratio outside [0.8, 1.2] is clipped only when that lowers the objective: above 1.2 with A > 0, below 0.8
+    with A < 0 (verl's pg_clipfrac)."""
+    ratio = torch.tensor([[1.5, 0.5, 1.1], [1.5, 0.5, 1.1]])
+    logp = torch.zeros(2, 3)
+    _, stats = ms.grpo_loss(logp, -ratio.log(), None, torch.tensor([1.0, -1.0]), torch.ones(2, 3), 6, 0.2, 3.0, 0.0)
+    assert stats["clip_frac"] == 2                          # 1.5 with A = +1 and 0.5 with A = -1
+
+
+def test_sampler_reaches_every_token_of_a_qwen_sized_vocabulary(monkeypatch):
+    """Inverse CDF over 151,936 tokens: u in token k's interval draws token k, the rarest tokens included. Here one
+    token has p = 0.997 and the others 2e-8 each: a float32 running sum stops growing after the first token (2e-8
+    is below half its precision near 1), leaving the other 151,935 tokens no interval at all."""
+    vocab, rare = 151_936, 2e-8
+    probs = torch.full((vocab,), rare, dtype=torch.float64)
+    probs[0] = 1 - rare * (vocab - 1)
+    picks = [0, 1, 75_000, vocab - 1]
+    u = torch.tensor([[probs[:k].sum() + probs[k] / 2] for k in picks], dtype=torch.float64)   # mid-interval
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: u.to(kw.get("dtype", torch.float32)))
+    scores = ms.SampleFromSoftmax(1.0)(None, probs.log().float().expand(len(picks), vocab))
+    assert scores.argmax(dim=1).tolist() == picks
+
+
 def sharpened(model):
     """A copy of the random tiny model with logits 3x larger: far from uniform, so the temperature matters
     (top token: p = 0.19 at T = 0.5, 0.01 at T = 1)."""
@@ -595,6 +671,51 @@ def test_generate_keeps_the_eos_it_stopped_on(tiny):
         model.generation_config.eos_token_id = saved
     assert (ids, stopped) == ([first], True)
 
+
+def test_load_policy_drops_shipped_sampling_defaults_and_keeps_every_end_id(tiny, tmp_path):
+    """Qwen2.5-Instruct ships sampling defaults (top_k 20, repetition penalty 1.05, ...) that would change the
+    distribution GRPO trains, and stops on two ids: <|im_end|> and <|endoftext|>."""
+    cfg, model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    end_ids = sorted(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
+                     eos_token_id=end_ids).save_pretrained(tmp_path)
+    loaded = ms.load_policy(str(tmp_path), torch.device("cpu"))[0].generation_config
+    assert loaded.eos_token_id == end_ids and not loaded.do_sample
+    plain = GenerationConfig()
+    assert (loaded.top_k, loaded.top_p, loaded.temperature, loaded.repetition_penalty) == \
+        (plain.top_k, plain.top_p, plain.temperature, plain.repetition_penalty)
+
+
+def test_generate_stops_at_a_stop_string_through_hugging_face(tiny):
+    """A stop string is honoured by Hugging Face's stopping criteria (generation ends on the token that completes
+    it) and by stop_index (the ids end there too), while the other rows of a batch go on. The same seed gives the
+    same samples, so a piece of text the model writes anyway serves as the stop string."""
+    _, model, tokenizer = tiny
+    contexts = [ms.render_prompt(tokenizer, q, "") for q in ["Where was Ilvo Marsk born?", "Who wrote Raith?"]]
+    real, generated = model.generate, []                    # how many tokens Hugging Face generated
+    model.generate = lambda **kw: (lambda out: generated.append(out.shape[1] - kw["input_ids"].shape[1]) or out)(
+        real(**kw))
+
+    def sample(contexts, stops):
+        torch.manual_seed(0)
+        return ms.generate(model, tokenizer, contexts, stops, 24, greedy=False)
+
+    try:
+        (ids, _, _), (other, _, _) = sample(contexts, [])
+        stop = tokenizer.decode(ids[6:8])
+        n = next(i + 1 for i in range(len(ids)) if stop in tokenizer.decode(ids[:i + 1]))
+        assert n < len(ids) and stop not in tokenizer.decode(other)
+        (got, _, stopped), (got_other, _, _) = sample(contexts, [stop])
+        assert (got, stopped) == (ids[:n], True) and got_other == other
+        (alone, _, _), = sample(contexts[:1], [])
+        stop = tokenizer.decode(alone[6:8])
+        n = next(i + 1 for i in range(len(alone)) if stop in tokenizer.decode(alone[:i + 1]))
+        generated.clear()
+        assert n < len(alone) and sample(contexts[:1], [stop])[0][0] == alone[:n] and generated == [n]
+    finally:
+        del model.generate
 
 
 @pytest.mark.slow
