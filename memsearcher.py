@@ -32,11 +32,19 @@ Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM):
  2. Reward: exact match (SQuAD normalisation) only; the official training reward is token F1 plus 0.1 for a
     well-formed but wrong answer.
  3. Retrieval: in-memory BM25 over a FlashRAG corpus (retriever.py) instead of an E5 dense-retrieval server.
- 4. Rollouts with Hugging Face `generate` on the training model (one GPU or the CPU) instead of vLLM on 8 GPUs.
+ 4. Rollouts with Hugging Face `generate` on the training model (one GPU or the CPU) instead of vLLM on 8 GPUs,
+    sampling from the full softmax at the temperature (official: top-p 0.99, top-k 10,000).
  5. No entropy bonus (official: 0.001); its estimate is logged instead.
  6. The memory phase reuses the action phase's context but not its KV cache: it is prefilled again.
  7. The default data is a small fictional world (data/make_world.py), so that the tiny run finishes in minutes
     on a CPU; the official runs train on NQ + HotpotQA and test on seven benchmarks.
+ 8. Turn structure: here the passages are appended to the model's own assistant message, which it continues
+    with its memory (the system prompt says how), and generation stops at a closing tag. In the official code
+    each generation runs to the end-of-turn token; the passages come back in a user turn
+    (<tool_response>) that ends with an instruction to rewrite the memory, and a new assistant turn writes it.
+ 9. Scale: --small trains Qwen2.5-0.5B-Instruct on 32 questions x 5 rollouts per step on one GPU; the paper
+    trains Qwen2.5-3B/7B-Instruct on 256 x 5 on 8 GPUs.
+10. The k3 KL estimate is not clamped (verl clamps it to [-10, 10]).
 """
 import argparse
 import contextlib
@@ -113,7 +121,9 @@ class Config:
     max_turns: int = flag(5, "max turns per trajectory in training", "at least 1")
     eval_max_turns: int = flag(10, "max turns per trajectory in evaluation", "at least 1")
     max_new_tokens: int = flag(512, "max sampled tokens per generation (action or memory)", "at least 1")
-    max_memory_tokens: int = flag(1024, "a longer memory ends the trajectory", "at least 1")
+    max_memory_tokens: int = flag(1024, "a longer memory ends the trajectory (memory_over_limit); every generation, "
+                                  "the memory's too, is bounded by --max-new-tokens, so it acts only below that "
+                                  "(as in the official code: 1,024 with 512-token generations)", "at least 1")
     top_k: int = flag(3, "passages retrieved per search", "at least 1")
     temperature: float = flag(1.0, "sampling temperature in training (evaluation is greedy)", "positive")
     # evaluation, logging, checkpoints

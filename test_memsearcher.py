@@ -957,13 +957,28 @@ def test_both_trained_table_averages_a_turn_over_the_runs_that_reached_it(capsys
     assert rows["max, any seed"] == ["-", "660"]
 
 
-def test_react_trains_with_the_same_grpo_code(tmp_path):
-    cfg = tiny_config(tmp_path, workflow="react", pretrain_steps=0, warm_steps=0, steps=2, group_size=2,
+def parity_reward(t):
+    """A stand-in reward for runs of an untrained model, whose exact match is always 0: 1 when the sampled ids of
+    the trajectory add up to an even number. Groups get mixed rewards, so GRPO really updates the weights."""
+    return float(sum(i for c in t["convs"] for i, m in zip(c["ids"], c["mask"]) if m) % 2 == 0)
+
+
+def weights(path):
+    model, _ = ms.load_policy(str(path), torch.device("cpu"))
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_react_trains_with_the_same_grpo_code(tmp_path, monkeypatch):
+    monkeypatch.setattr(ms, "trajectory_reward", parity_reward)
+    cfg = tiny_config(tmp_path, workflow="react", pretrain_steps=0, warm_steps=0, steps=2, group_size=4,
                       questions_per_step=2, eval_n=2, max_new_tokens=8, eval_every=0, print_every=0)
+    initial = warm.tiny_policy(cfg)
     train(cfg)
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [rec["step"] for rec in records if "reward" in rec] == [1, 2]
+    steps = [rec for rec in runs.read_metrics(tmp_path) if "reward" in rec]
+    assert [rec["step"] for rec in steps] == [1, 2] and all(rec["stops"] for rec in steps)
+    assert max(rec["mixed_groups"] for rec in steps) > 0 and min(rec["grad_norm"] for rec in steps) > 0
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-000002"
+    assert not torch.equal(weights(initial), weights(tmp_path / "checkpoint-000002"))
 
 
 @pytest.mark.slow
@@ -1010,30 +1025,30 @@ def run_cli(script, *args):
 
 
 @pytest.mark.slow
-def test_tiny_trains_saves_reloads_and_evaluates(tmp_path):
-    out = tmp_path / "run"
-    common = ["--tiny", "--output-dir", str(out), "--tiny-hidden", "64", "--tiny-layers", "2", "--group-size", "2",
-              "--questions-per-step", "2", "--eval-n", "4", "--pretrain-steps", "5", "--warm-steps", "20",
-              "--max-turns", "2", "--eval-max-turns", "2", "--warm-start-dir", str(tmp_path / "warm")]
-    result = run_cli("memsearcher.py", *common, "--steps", "2")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "warm start: building" in result.stdout
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [rec["step"] for rec in records if "reward" in rec] == [1, 2]
-    assert [rec["step"] for rec in records if "eval" in rec] == [0, 2]
-    checkpoint = out / (out / "latest").read_text().strip()
-    assert checkpoint.name == "checkpoint-000002"
-    model, tokenizer = ms.load_policy(str(checkpoint), torch.device("cpu"))
-    assert len(tokenizer) == model.config.vocab_size
-    # resume: continues at step 3, from the saved weights and optimizer state
-    result = run_cli("memsearcher.py", *common, "--steps", "3", "--resume")
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_a_run_stopped_and_resumed_is_the_uninterrupted_run(tmp_path, learned):
+    """From the command line, with the learning test's model (its groups have mixed rewards, so every step
+    moves the weights): 2 steps then --resume to 3 give the same metrics and weights as 3 steps in one go."""
+    cfg, _, _ = learned
+    common = ["--tiny", "--model", str(runs.latest_checkpoint(cfg.output_dir)), "--train-file", cfg.train_file[0],
+              "--test-file", cfg.test_file[0], "--corpus", cfg.corpus, "--group-size", "4", "--questions-per-step",
+              "4", "--eval-n", "8", "--max-turns", "4", "--eval-max-turns", "4", "--print-every", "0"]
+    for args in [["--output-dir", str(tmp_path / "a"), "--steps", "3"],
+                 ["--output-dir", str(tmp_path / "b"), "--steps", "2"],
+                 ["--output-dir", str(tmp_path / "b"), "--steps", "3", "--resume"]]:
+        result = run_cli("memsearcher.py", *common, *args)
+        assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in result.stdout and "at step 2" in result.stdout
-    assert "warm start: reusing" in result.stdout
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [rec["step"] for rec in records if "reward" in rec] == [1, 2, 3]
-    assert (out / "latest").read_text().strip() == "checkpoint-000003"
-    assert not (out / "checkpoint-000002").exists()
+
+    def steps(run):
+        return [{k: v for k, v in rec.items() if not k.endswith("_s")} for rec in runs.read_metrics(tmp_path / run)
+                if "reward" in rec]
+
+    assert [rec["step"] for rec in steps("b")] == [1, 2, 3] and steps("a") == steps("b")
+    assert all(rec["mixed_groups"] > 0 and rec["grad_norm"] > 0 for rec in steps("a"))
+    evals = {run: [rec for rec in runs.read_metrics(tmp_path / run) if "eval" in rec] for run in "ab"}
+    assert [rec["step"] for rec in evals["b"]] == [0, 2, 3] and evals["a"][-1]["eval"] == evals["b"][-1]["eval"]
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-000003"]
+    assert torch.equal(weights(tmp_path / "a" / "checkpoint-000003"), weights(tmp_path / "b" / "checkpoint-000003"))
 
 
 def test_tiny_preset_warm_start_only_for_the_model_it_builds():
@@ -1045,7 +1060,7 @@ def test_tiny_preset_warm_start_only_for_the_model_it_builds():
         ms.parse_args(["--tiny", "--model", "some/path", "--warm-steps", "5"])
 
 
-def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys):
+def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys, monkeypatch):
     """A later run with the same settings loads the kept warm start, and its GRPO run is the same run."""
     few = tmp_path / "train.jsonl"                        # 100 questions: the expert plays every one
     few.write_text("".join(open(ROOT / "data" / "train.jsonl").readlines()[:100]))
@@ -1061,12 +1076,17 @@ def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys):
     assert other != built
     rebuilt = warm.tiny_policy(ms.Config(**{**asdict(cfg), "rebuild_warm_start": True}))
     assert rebuilt == built and "warm start: building" in capsys.readouterr().out
-    # GRPO after building (run a) and after reusing (run b): the same numbers
+    # GRPO after building (run a) and after reusing (run b): the same run, with updates that move the weights
+    # (parity_reward gives the barely imitated model mixed groups)
+    monkeypatch.setattr(ms, "trajectory_reward", parity_reward)
     first = train(cfg)
     second = train(ms.Config(**{**asdict(cfg), "output_dir": str(tmp_path / "b")}))
     assert first == second
-    logs = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in "ab"]
-    assert [r.get("reward") for r in logs[0]] == [r.get("reward") for r in logs[1]]
+    logs = [[{k: v for k, v in rec.items() if not k.endswith("_s")} for rec in runs.read_metrics(tmp_path / run)]
+            for run in "ab"]
+    assert logs[0] == logs[1] and logs[0][1]["mixed_groups"] > 0 and logs[0][1]["grad_norm"] > 0
+    assert torch.equal(weights(tmp_path / "a" / "checkpoint-000001"), weights(tmp_path / "b" / "checkpoint-000001"))
+    assert not torch.equal(weights(built), weights(tmp_path / "a" / "checkpoint-000001"))
 
 
 @pytest.mark.parametrize("args, message", [

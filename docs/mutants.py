@@ -86,6 +86,10 @@ MUTANTS = [
      [('if workflow == "memsearcher" or turn == 0:', "if turn == 0:")]),
     ("ReAct starts a fresh context every turn",
      [('if workflow == "memsearcher" or turn == 0:', "if True:")]),
+    ("EM keeps the articles",
+     [('text = re.sub(r"\\b(a|an|the)\\b", " ", text)', "text = text")]),
+    ("EM keeps the punctuation",
+     [('text = "".join(ch for ch in text if ch not in set(string.punctuation))', "text = text")]),
     ("rollout log-probs not frozen before the first update",
      [("old_logp = logp.detach() if old_logp is None else old_logp", "old_logp = logp.detach()")]),
     ("zero-advantage rows skipped even with a KL term",
@@ -105,10 +109,6 @@ MUTANTS = [
     ("the model's shipped sampling defaults kept",
      [("model.generation_config = GenerationConfig(do_sample=False, eos_token_id=sorted(eos),",
        "model.generation_config.update(do_sample=False, eos_token_id=sorted(eos),")]),
-    ("EM keeps the articles",
-     [('text = re.sub(r"\\b(a|an|the)\\b", " ", text)', "text = text")]),
-    ("EM keeps the punctuation",
-     [('text = "".join(ch for ch in text if ch not in set(string.punctuation))', "text = text")]),
 ]
 
 
