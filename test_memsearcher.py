@@ -6,6 +6,7 @@ test_retriever.py).
 import ast
 import codecs
 import copy
+import itertools
 import json
 import math
 import os
@@ -1198,6 +1199,75 @@ def test_help_shows_every_default(capsys):
         ms.parse_args(["--help"])
     text = capsys.readouterr().out
     assert "None" not in text and "(default 5; --tiny: 8)" in text.replace("\n", " ").replace("  ", " ")
+
+
+@pytest.mark.parametrize("bad_line, problem", [
+    (b'{"id": "x", "text": "no contents"}', 'missing or empty "contents"'),
+    ('{"id": "x", "contents": "Caf\xe9\\ntext"}'.encode("latin-1"), "not UTF-8"),
+    (b"{not json", "invalid JSON"),
+])
+def test_a_bad_corpus_on_the_tiny_path_is_one_line_before_any_work(tmp_path, bad_line, problem):
+    """--tiny builds its tokenizer from the corpus: read by the same reader as everywhere, before the warm start's
+    minutes of pretraining and imitation (the --tiny defaults here)."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b'{"id": "a", "contents": "T\\ntext"}\n' + bad_line + b"\n")
+    start = time.time()
+    with pytest.raises(SystemExit) as stop:
+        ms.main(["--tiny", "--corpus", str(corpus), "--output-dir", str(tmp_path / "run"),
+                 "--warm-start-dir", str(tmp_path / "warm")])
+    first_line = str(stop.value.code).splitlines()[0]
+    assert first_line.startswith(f"memsearcher.py: {corpus}:2: {problem}") and "Error" not in first_line
+    assert time.time() - start < 10 and not (tmp_path / "warm").exists()
+
+
+def test_byte_order_marks_are_fine_on_the_tiny_path(tmp_path):
+    corpus, train = tmp_path / "corpus.jsonl", tmp_path / "train.jsonl"
+    corpus.write_bytes(codecs.BOM_UTF8 + b'{"id": "a", "contents": "Paris\\nParis is in France."}\n')
+    train.write_bytes(codecs.BOM_UTF8 + b'{"question": "Where is Paris?", "golden_answers": ["France"]}\n')
+    cfg = tiny_config(tmp_path / "run", corpus=str(corpus), train_file=[str(train)], pretrain_steps=0, warm_steps=0)
+    assert (Path(warm.tiny_policy(cfg)) / "warm_start.json").exists()
+
+
+def test_a_directory_given_as_a_file_is_named_a_directory(tmp_path):
+    for flag in ["--corpus", "--train-file", "--test-file"]:
+        with pytest.raises(SystemExit, match=f"^{flag}: {tmp_path} is a directory; give the JSONL file in it$"):
+            ms.parse_args(["--tiny", flag, str(tmp_path)])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--retriever-timeout", "inf"], "--retriever-timeout must be positive and finite (got inf)"),
+    (["--retriever-timeout", "nan"], "--retriever-timeout must be positive and finite (got nan)"),
+    (["--retriever-url", "notaurl"], "--retriever-url: 'notaurl' is not an http:// or https:// URL"),
+    (["--top-k", "1000"], "--top-k 1000: 1000 passages cannot fit in --max-information-tokens 500 (each takes at "
+                          "least 8 tokens); use at most --top-k 62"),
+])
+def test_retriever_settings_that_cannot_work_are_refused_before_any_work(args, message):
+    with pytest.raises(SystemExit) as stop:
+        ms.parse_args(["--tiny", *args])
+    assert str(stop.value.code).startswith(message)
+
+
+def test_a_gold_answer_that_normalises_to_nothing_is_matched_only_by_itself():
+    assert ms.exact_match("!", ["..."]) == 0.0 and ms.exact_match("", ["..."]) == 0.0
+    assert ms.exact_match(" ... ", ["..."]) == 1.0 and ms.exact_match("The Paris!", ["...", "paris"]) == 1.0
+
+
+def test_information_is_cut_to_its_token_budget_and_the_first_cut_reported(tiny, searcher, monkeypatch, capsys):
+    cfg, model, tokenizer = tiny
+    monkeypatch.setattr(ms, "information_cut_reported", False)
+    questions = r.load_questions(cfg.test_file[0])[:4]
+    small = tiny_config(cfg.output_dir, top_k=5, max_information_tokens=50)
+    trajs = ms.rollout(model, tokenizer, searcher, questions, small, greedy=True, max_turns=3,
+                       generate_fn=measure.scripted_policy(questions, 2))
+    end = tokenizer("\n</information>\n", add_special_tokens=False).input_ids
+    for conv in [c for t in trajs for c in t["convs"][:2]]:               # each of these turns searched
+        runs_of_mask = [list(g) for _, g in itertools.groupby(zip(conv["ids"], conv["mask"]), key=lambda x: x[1])]
+        information = [i for i, _ in runs_of_mask[2]]                    # prompt, action, then the passages
+        assert len(information) == 50 and information[-len(end):] == end
+    assert capsys.readouterr().err.count("cut to 50 (--max-information-tokens)") == 1
+    hits = searcher(["Ilvo Marsk"], 2)[0]                                # under the budget: as it always was
+    assert ms.information_ids(tokenizer, hits, 500) == \
+        tokenizer(ms.information_text(hits), add_special_tokens=False).input_ids
 
 
 def test_the_workshop_runs_on_the_current_code():

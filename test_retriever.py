@@ -70,6 +70,50 @@ def test_missing_corpus_file(tmp_path):
         r.load_corpus(tmp_path / "nope.jsonl")
 
 
+def test_a_directory_is_reported_as_a_directory(tmp_path):
+    for load, what in [(r.load_corpus, "corpus"), (r.load_questions, "question")]:
+        with pytest.raises(IsADirectoryError, match=f"^{what} file is a directory: {tmp_path} "):
+            load(tmp_path)
+
+
+@pytest.mark.parametrize("path, name", [
+    ("flashrag/nq/questions.jsonl", "NQ"), ("flashrag/hotpotqa/sample.jsonl", "HotpotQA"),
+    ("flashrag/nq/test.jsonl", "NQ"), ("flashrag/nq/triviaqa_dev.jsonl", "TriviaQA"),   # the file's name first
+    ("mine/questions.jsonl", "questions"), ("mine/test.jsonl", "mine"),
+])
+def test_benchmark_name_from_a_benchmark_folder(path, name):
+    assert r.benchmark_name(path) == name
+
+
+QUESTION = '{"question": "q?", "golden_answers": ["a"]}\n'
+
+
+@pytest.mark.parametrize("bad_id", [["a", "b"], {"x": 1}, 1.5, True])
+def test_a_question_id_that_is_not_a_string_or_integer_names_file_and_line(tmp_path, bad_id):
+    path = tmp_path / "q.jsonl"
+    path.write_text(QUESTION + json.dumps({"id": bad_id, "question": "q?", "golden_answers": ["a"]}) + "\n")
+    with pytest.raises(r.DataError, match=f"^{path}:2: \"id\" must be a string or an integer, got "):
+        r.load_questions(path)
+
+
+def test_questions_without_an_id_or_with_a_null_one_are_named_by_their_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(QUESTION + '{"id": null, "question": "q?", "golden_answers": ["a"]}\n'
+                    '{"id": 7, "question": "q?", "golden_answers": ["a"]}\n')
+    assert [q["id"] for q in r.load_questions(path)] == [f"{path}:1", f"{path}:2", 7]
+
+
+def test_a_question_too_long_for_a_context_names_file_and_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    long = json.dumps({"question": "why " * 25_000 + "?", "golden_answers": ["a"]})
+    path.write_text(QUESTION + long + "\n")
+    with pytest.raises(r.DataError, match=f"^{path}:2: the question is 100,001 characters long; questions are "
+                                          "limited to 2,000"):
+        r.load_questions(path)
+    path.write_text(json.dumps({"question": "x" * r.MAX_QUESTION_CHARS, "golden_answers": ["a"]}) + "\n")
+    assert len(r.load_questions(path)) == 1
+
+
 def test_tokenize():
     assert r.tokenize("Born in 1981, O'Neil's NEW-York!") == \
         ["born", "in", "1981", "o", "neil", "s", "new", "york"]
@@ -178,14 +222,22 @@ def test_local_searcher_cuts_a_huge_passage_and_says_so_once(tmp_path, capsys):
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """Answers POSTs with whatever server.plan(request, n) returns:
-    (status, JSON-able answer or raw bytes, seconds to sleep first)."""
+    (status, JSON-able answer or raw bytes, seconds to sleep first), and
+    optionally seconds to wait between bytes: the whole answer, status line
+    first, then trickles out a byte at a time."""
 
     def do_POST(self):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append(request)
-        status, answer, delay = self.server.plan(request, len(self.server.requests))
+        status, answer, delay, *trickle = self.server.plan(request, len(self.server.requests))
         time.sleep(delay)
         body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        if trickle:
+            raw = f"HTTP/1.0 {status} OK\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+            for i in range(len(raw)):  # ends when the client hangs up (a write error) or the answer is out
+                self.wfile.write(raw[i:i + 1])
+                time.sleep(trickle[0])
+            return
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -284,6 +336,57 @@ def test_remote_timeout():
     assert url in str(error.value) and len(server.requests) == 2
 
 
+def test_remote_timeout_bounds_the_whole_answer_not_each_read():
+    """A byte every 0.1 s never lets one read wait 0.5 s, but the whole answer would take 6 s."""
+    with serve(lambda req, n: (200, {"result": [[], []]}, 0, 0.1)) as (url, server):
+        start = time.perf_counter()
+        with pytest.raises(r.RetrievalError, match=r"failed after 2 attempts; last error: timeout \(no answer "
+                                                   r"within 0.5 s\)"):
+            r.remote_searcher(url, timeout=0.5, retries=1, backoff=0.001)(["a", "b"], 1)
+        assert time.perf_counter() - start < 1.5 and len(server.requests) == 2
+
+
+def test_remote_trickled_answer_within_the_timeout_is_read():
+    with serve(lambda req, n: (200, {"result": [[]]}, 0, 0.001)) as (url, _):
+        assert r.remote_searcher(url, timeout=5, retries=0)(["a"], 1) == [[]]
+
+
+@pytest.mark.parametrize("answer, problem", [
+    ({"result": [[{"document": {"id": 1, "contents": "T\nx"}, "score": "high"}]]}, "\"score\" must be a number"),
+    ({"result": [[{"document": {"id": 1, "contents": "T\nx"}, "score": [1]}]]}, "\"score\" must be a number"),
+    ({"result": [[], []]}, "with 1 lists"),                          # 2 lists for 1 query
+    ({"result": [{"document": {}}]}, "one list of hits per query"),  # hits not in a list
+    ({"result": [["a hit"]]}, "expected a hit like"),
+    ([1, 2], "expected {'result'"),
+    (b"<html>oops</html>", "non-JSON"),
+])
+def test_remote_malformed_answer_is_a_failed_request_retried_then_refused(answer, problem, capsys):
+    with serve(lambda req, n: (200, answer, 0)) as (url, server), pytest.raises(r.RetrievalError) as error:
+        r.remote_searcher(url, retries=2, backoff=0.001)(["a"], 1)
+    assert len(server.requests) == 3 and problem in str(error.value)
+    assert str(error.value).startswith(f"retrieval server {url} failed after 3 attempts; last error: ")
+    assert len(capsys.readouterr().err.splitlines()) == 2                  # each retry announced
+
+
+def test_remote_malformed_answer_then_a_good_one():
+    def plan(req, n):
+        return (200, {"result": [[{"document": {"contents": "T\nx"}, "score": "?"}]]}, 0) if n == 1 \
+            else (200, search_r1_answer(req), 0)
+    with serve(plan) as (url, server):
+        assert r.remote_searcher(url, retries=1, backoff=0.001)(["a"], 1)[0][0]["id"] == "a-0"
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("url, timeout, message", [
+    ("notaurl", 1, "'notaurl' is not an http:// or https:// URL"), ("http://h:port/x", 1, "not a valid URL"),
+    ("ftp://h/x", 1, "not an http:// or https:// URL"), ("http://h/x", float("inf"), "positive, finite"),
+    ("http://h/x", float("nan"), "positive, finite"), ("http://h/x", 0, "positive, finite"),
+])
+def test_remote_searcher_refuses_a_bad_url_or_timeout_at_once(url, timeout, message):
+    with pytest.raises(ValueError, match=message):
+        r.remote_searcher(url, timeout=timeout)
+
+
 @pytest.mark.parametrize("answer", [
     {"result": [[]]},                            # 1 list for 2 queries
     {"results": [[], []]},                       # wrong key
@@ -348,3 +451,21 @@ def test_command_line_refuses_counts_below_1(argv, message, capsys):
     with pytest.raises(SystemExit) as error:
         r.main(argv)
     assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--benchmark", "0"], "retriever.py: error: argument --benchmark: must be at least 1, got 0\n"),
+    (["--benchmark", "-5"], "retriever.py: error: argument --benchmark: must be at least 1, got -5\n"),
+])
+def test_command_line_refuses_benchmark_sizes_below_1(argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        r.main(argv)
+    assert error.value.code == 2 and capsys.readouterr().err.endswith(message)
+
+
+def test_command_line_refuses_what_is_not_a_url_in_one_line(capsys):
+    with pytest.raises(SystemExit) as error:
+        r.main(["--url", "notaurl", "a query"])
+    assert error.value.code == 1
+    assert capsys.readouterr().err == ("retriever.py: --url: 'notaurl' is not an http:// or https:// URL "
+                                       "(e.g. http://host:8000/retrieve)\n")
