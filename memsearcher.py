@@ -66,8 +66,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           LogitsProcessorList)
 from transformers.utils import logging as hf_logging
 
-from retriever import (PAPER_BENCHMARKS, DataError, RetrievalError, benchmark_name, format_hits, load_questions,
-                       local_searcher, remote_searcher)
+from retriever import (PAPER_BENCHMARKS, DataError, RetrievalError, benchmark_name, check_url, format_hits,
+                       load_questions, local_searcher, remote_searcher)
 from runs import (latest_checkpoint, log_metrics, open_run, read_metrics, restore_trainer_state, rng_states,
                   save_checkpoint)
 
@@ -87,7 +87,8 @@ def flag(default, help, must_be=None):
 
 
 CHECKS = {"at least 1": lambda v: v >= 1, "at least 0": lambda v: v >= 0, "positive": lambda v: v > 0,
-          "between 0 and 1": lambda v: 0 <= v <= 1, "greater than 1": lambda v: v > 1}
+          "positive and finite": lambda v: 0 < v < math.inf, "between 0 and 1": lambda v: 0 <= v <= 1,
+          "greater than 1": lambda v: v > 1}
 
 
 @dataclass
@@ -98,7 +99,8 @@ class Config:
     test_file: list = flag([str(DATA / "test.jsonl")], "test questions, FlashRAG JSONL (repeatable: EM per file)")
     corpus: str = flag(str(DATA / "corpus.jsonl"), "FlashRAG corpus JSONL for BM25")
     retriever_url: str = flag("", "a Search-R1 retrieval server (http://host:8000/retrieve) instead of BM25")
-    retriever_timeout: float = flag(30.0, "seconds to wait for the retrieval server's answer", "positive")
+    retriever_timeout: float = flag(30.0, "seconds to wait for the retrieval server's whole answer",
+                                    "positive and finite")
     retriever_retries: int = flag(3, "retries of a failed retrieval request, with back-off", "at least 0")
     max_passage_chars: int = flag(20_000, "longer passages are cut (and reported) for the model", "at least 1")
     output_dir: str = flag("runs/small", "checkpoints and metrics.jsonl go here")
@@ -125,6 +127,8 @@ class Config:
                                   "the memory's too, is bounded by --max-new-tokens, so it acts only below that "
                                   "(as in the official code: 1,024 with 512-token generations)", "at least 1")
     top_k: int = flag(3, "passages retrieved per search", "at least 1")
+    max_information_tokens: int = flag(500, "longer <information> (the passages of one search) is cut, and the first "
+                                       "cut reported", "at least 1")
     temperature: float = flag(1.0, "sampling temperature in training (evaluation is greedy)", "positive")
     # evaluation, logging, checkpoints
     eval_every: int = flag(25, "evaluate every N steps (0: only before and after training)", "at least 0")
@@ -203,6 +207,28 @@ def render_prompt(tokenizer, question, memory, workflow="memsearcher"):
 def information_text(hits):
     """What is appended after </search>: the retrieved passages, then the model writes its memory."""
     return f"\n<information>\n{format_hits(hits)}\n</information>\n"
+
+
+# About the fewest tokens a passage can take in <information> ("Doc 10(Title: X) y" and a newline): check_config
+# refuses a --top-k whose passages could not all fit even at this size.
+MIN_PASSAGE_TOKENS = 8
+information_cut_reported = False                 # the first cut is reported; every later one would flood the log
+
+
+def information_ids(tokenizer, hits, max_tokens):
+    """Token ids of information_text(hits), cut to max_tokens: the passages are cut at the budget and the closing
+    </information> kept. Search-R1 cuts its observations too (at 500 tokens): with many or long passages the
+    context would otherwise outgrow the model's without a word."""
+    global information_cut_reported
+    ids = tokenizer(information_text(hits), add_special_tokens=False).input_ids
+    if len(ids) <= max_tokens:
+        return ids
+    end = tokenizer("\n</information>\n", add_special_tokens=False).input_ids
+    if not information_cut_reported:
+        information_cut_reported = True
+        tqdm.write(f"<information> of {len(ids):,} tokens ({len(hits)} passages) cut to {max_tokens:,} "
+                   "(--max-information-tokens); later cuts are not reported", file=sys.stderr)
+    return ids[:max_tokens - len(end)] + end
 
 
 # Parsing what the model wrote. One rule for both phases: an optional <think>...</think>, then exactly one
@@ -412,7 +438,7 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
             hits = search([t["turns"][-1]["query"] for t in searching], cfg.top_k)
             for t, h in zip(searching, hits):
                 t["turns"][-1]["hits"] = h
-                passages = tokenizer(information_text(h), add_special_tokens=False).input_ids   # injected: mask 0
+                passages = information_ids(tokenizer, h, cfg.max_information_tokens)        # injected: mask 0
                 extend_conversation(t["convs"][-1], passages, False)
 
             # 3) memory phase (MemSearcher) -- ReAct goes straight on to the next action in the same context
@@ -451,7 +477,10 @@ def normalize_answer(text):
 
 
 def exact_match(prediction, golden_answers):
-    return float(any(normalize_answer(prediction) == normalize_answer(g) for g in golden_answers))
+    # A gold answer that normalises to nothing ("...") is matched only by its own text, not by any empty answer.
+    answer = normalize_answer(prediction)
+    return float(any(answer == normalize_answer(g) and (answer or prediction.strip() == g.strip())
+                     for g in golden_answers))
 
 
 def trajectory_reward(t):
@@ -970,6 +999,16 @@ def check_config(cfg):
             raise SystemExit(f"--{f.name.replace('_', '-')} must be {must_be} (got {value})")
     if cfg.workflow not in WORKFLOWS:
         raise SystemExit(f"--workflow must be one of {', '.join(WORKFLOWS)} (got {cfg.workflow!r})")
+    if cfg.retriever_url:
+        try:
+            check_url(cfg.retriever_url)
+        except ValueError as err:
+            raise SystemExit(f"--retriever-url: {err}") from None
+    if cfg.top_k * MIN_PASSAGE_TOKENS > cfg.max_information_tokens:
+        raise SystemExit(f"--top-k {cfg.top_k}: {cfg.top_k} passages cannot fit in --max-information-tokens "
+                         f"{cfg.max_information_tokens} (each takes at least {MIN_PASSAGE_TOKENS} tokens); use at most "
+                         f"--top-k {cfg.max_information_tokens // MIN_PASSAGE_TOKENS}, or raise "
+                         "--max-information-tokens if the model's context allows")
     if cfg.model != "tiny" and (cfg.pretrain_steps or cfg.warm_steps):
         raise SystemExit("--pretrain-steps and --warm-steps warm-start the tiny model (--model tiny); another "
                          "model starts from what it already knows: set them to 0")
@@ -977,6 +1016,8 @@ def check_config(cfg):
     if not cfg.retriever_url or cfg.model == "tiny":       # the tiny model learns its tokenizer from the corpus
         files.append(("corpus", cfg.corpus))
     for name, path in files:
+        if Path(path).is_dir():
+            raise SystemExit(f"--{name.replace('_', '-')}: {path} is a directory; give the JSONL file in it")
         if not Path(path).is_file():
             raise SystemExit(f"--{name.replace('_', '-')}: no such file: {path}")
 

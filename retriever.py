@@ -17,7 +17,9 @@ There are two searchers:
 
 * `local_searcher(corpus_path)`: BM25 over a FlashRAG corpus file, in process.
 * `remote_searcher(url)`: a Search-R1 retrieval server (e.g. E5 dense
-  retrieval over Wikipedia) spoken to over HTTP.
+  retrieval over Wikipedia) spoken to over HTTP. An answer that is not whole
+  within the timeout, or not what the API promises, is a failed request:
+  retried with back-off, then a `RetrievalError`.
 
 Both cut a hit's text longer than `max_chars` (20,000 characters by default,
 far above real passages) so that one broken passage cannot flood the model's
@@ -51,15 +53,17 @@ on synthetic data.
 
 import argparse
 import codecs
+import contextlib
 import http.client
 import itertools
 import json
 import math
 import re
+import socket
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
@@ -94,6 +98,8 @@ def read_jsonl(path, what: str):
             raw_lines = f.read().split(b"\n")
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{what} file is a directory: {path} (give the JSONL file in it)") from None
     raw_lines[0] = raw_lines[0].removeprefix(codecs.BOM_UTF8)
     for lineno, raw in enumerate(raw_lines, start=1):
         where = f"{path}:{lineno}"
@@ -139,31 +145,49 @@ def load_corpus(path) -> list[dict]:
 
 
 # The paper's table: EM per benchmark, in this order. A question file is named by its folder when its own
-# name is only a split (FlashRAG ships nq/test.jsonl, hotpotqa/dev.jsonl, ...).
+# name is only a split (FlashRAG ships nq/test.jsonl, hotpotqa/dev.jsonl, ...) or the folder is one of these.
 PAPER_BENCHMARKS = {"nq": "NQ", "triviaqa": "TriviaQA", "popqa": "PopQA", "hotpotqa": "HotpotQA",
                     "2wikimultihopqa": "2Wiki", "2wiki": "2Wiki", "musique": "MuSiQue", "bamboogle": "Bamboogle"}
+SPLITS = ("train", "dev", "test", "val", "validation")
 
 
 def benchmark_name(path) -> str:
-    """'data/nq/test.jsonl' -> 'NQ'; 'my_questions.jsonl' -> 'my_questions'."""
+    """'data/nq/test.jsonl' and 'data/nq/questions.jsonl' -> 'NQ'; 'musique_dev.jsonl' -> 'MuSiQue';
+    'data/test.jsonl' -> 'data'; 'my_questions.jsonl' -> 'my_questions'."""
+    def key(name):  # 'hotpotqa-dev' -> 'hotpotqa'
+        return re.sub(rf"[_\-.]({'|'.join(SPLITS)})$", "", name.lower())
     path = Path(path)
-    name = path.parent.name if path.stem.lower() in {"train", "dev", "test", "val", "validation"} else path.stem
-    key = re.sub(r"[_\-.](train|dev|test|val|validation)$", "", name.lower())
-    return PAPER_BENCHMARKS.get(key, name)
+    if key(path.stem) in PAPER_BENCHMARKS:
+        return PAPER_BENCHMARKS[key(path.stem)]
+    if key(path.parent.name) in PAPER_BENCHMARKS:
+        return PAPER_BENCHMARKS[key(path.parent.name)]
+    return path.parent.name if path.stem.lower() in SPLITS else path.stem
+
+
+# Far above a real question, which is a sentence or two. Every turn's context holds the question, so a much
+# longer one (a document pasted into the field by mistake) would crowd out or overflow the model's context.
+MAX_QUESTION_CHARS = 2_000
 
 
 def load_questions(path) -> list[dict]:
     """Read a FlashRAG question JSONL ({"id", "question", "golden_answers", ...} per line) into a list of dicts.
     Each is tagged with its benchmark ("source", from the file's name) for per-benchmark EM, and its question
-    type, if any, is a string under "type" (FlashRAG keeps it in "metadata"). Bad lines raise DataError."""
+    type, if any, is a string under "type" (FlashRAG keeps it in "metadata"). A line without an id gets its
+    "path:line". Bad lines raise DataError, and so does a question over MAX_QUESTION_CHARS characters."""
     questions, seen = [], {}
     for where, q in read_jsonl(path, "question"):
         if not isinstance(q.get("question"), str) or not q["question"].strip():
             raise DataError(f"{where}: each line needs a non-empty string field \"question\"")
+        if len(q["question"]) > MAX_QUESTION_CHARS:
+            raise DataError(f"{where}: the question is {len(q['question']):,} characters long; questions are "
+                            f"limited to {MAX_QUESTION_CHARS:,} (MAX_QUESTION_CHARS), as every turn's context holds it")
         gold = q.get("golden_answers")
         if not isinstance(gold, list) or not gold or not all(isinstance(g, str) for g in gold):
             raise DataError(f"{where}: \"golden_answers\" must be a non-empty list of strings")
-        q.setdefault("id", where)
+        if q.get("id") is None:
+            q["id"] = where
+        elif not isinstance(q["id"], (str, int)) or isinstance(q["id"], bool):
+            raise DataError(f"{where}: \"id\" must be a string or an integer, got {json.dumps(q['id'])[:100]}")
         if q["id"] in seen:
             raise DataError(f"{where}: duplicate id {q['id']!r} (first on line {seen[q['id']]})")
         seen[q["id"]] = where.rsplit(":", 1)[1]
@@ -375,13 +399,49 @@ class RetrievalError(RuntimeError):
     """The retrieval server failed (after retries) or answered something unusable."""
 
 
-def post_json(url: str, payload: dict, timeout: float, retries: int, backoff: float):
-    """POST JSON and return the decoded answer. Timeouts, connection errors
-    and HTTP 5xx are retried after backoff, 2*backoff, 4*backoff... seconds,
-    each retry announced on stderr (else a hung server means minutes of
-    silence); HTTP 4xx (our request is wrong) fails at once."""
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+def post_once(url: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+    """One POST -> (HTTP status, the answer's bytes), the whole answer within `timeout` seconds. A socket's own
+    timeout bounds each read only: a server that sends a byte every half second would never hit it. So a
+    timer shuts the connection at the deadline, which ends whatever read is waiting (TimeoutError)."""
+    deadline = time.monotonic() + timeout
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, parts.port, timeout=timeout)
+    expired = threading.Event()
+
+    def expire(sock):
+        expired.set()
+        with contextlib.suppress(OSError):              # already closed: nothing waits on it
+            sock.shutdown(socket.SHUT_RDWR)
+
+    try:
+        connection.connect()                            # bounded by the socket's timeout
+        timer = threading.Timer(deadline - time.monotonic(), expire, args=(connection.sock,))
+        timer.start()
+        try:
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            connection.request("POST", path, body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            status, answer = response.status, response.read()
+        except (OSError, http.client.HTTPException):
+            if not expired.is_set():                    # not the deadline: the error itself is the problem
+                raise
+        finally:
+            timer.cancel()
+        if expired.is_set():                            # a shut connection can also read as a short answer
+            raise TimeoutError(f"no whole answer within {timeout} s")
+        return status, answer
+    finally:
+        connection.close()
+
+
+def post_json(url: str, payload: dict, timeout: float, retries: int, backoff: float, parse):
+    """POST JSON and return parse(the decoded answer). A failed attempt is retried after backoff, 2*backoff,
+    4*backoff... seconds, each retry announced on stderr (else a hung server means minutes of silence). An
+    attempt fails on no whole answer within `timeout` seconds, a connection error, HTTP 5xx, or an answer
+    that is not JSON or that parse rejects with a ValueError (a server mid-restart may answer anything); HTTP
+    4xx (our request is wrong) fails at once."""
+    body = json.dumps(payload).encode()
     problem = None  # what went wrong in the previous attempt
     for attempt in range(max(retries, 0) + 1):
         if attempt:
@@ -390,59 +450,81 @@ def post_json(url: str, payload: dict, timeout: float, retries: int, backoff: fl
                   file=sys.stderr, flush=True)
             time.sleep(delay)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                body = response.read().decode("utf-8", errors="replace")
-            break
-        except urllib.error.HTTPError as e:
-            problem = f"HTTP {e.code}, body: {e.read()[:300].decode('utf-8', 'replace')!r}"
-            if e.code < 500:
-                raise RetrievalError(f"retrieval server {url} rejected the request: {problem}") from None
-        except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
-            reason = getattr(e, "reason", e)
-            problem = (f"timeout (no answer within {timeout} s)" if isinstance(reason, TimeoutError)
-                       else f"connection error: {reason}")
-    else:
-        raise RetrievalError(f"retrieval server {url} failed after {retries + 1} attempts; "
-                             f"last error: {problem}")
-    try:
-        return json.loads(body)
-    except json.JSONDecodeError:
-        raise RetrievalError(f"retrieval server {url} answered non-JSON: {body[:300]!r}") from None
+            status, answer = post_once(url, body, timeout)
+        except TimeoutError:  # before OSError: TimeoutError is one
+            problem = f"timeout (no answer within {timeout} s)"
+            continue
+        except (OSError, http.client.HTTPException) as e:
+            problem = f"connection error: {e}"
+            continue
+        text = answer.decode("utf-8", errors="replace")
+        if status >= 300:
+            problem = f"HTTP {status}, body: {text[:300]!r}"
+            if status < 500:
+                raise RetrievalError(f"retrieval server {url} rejected the request: {problem}")
+            continue
+        try:
+            return parse(json.loads(text))
+        except json.JSONDecodeError:
+            problem = f"answered non-JSON: {text[:300]!r}"
+        except ValueError as e:
+            problem = f"answered something unusable: {e}"
+    raise RetrievalError(f"retrieval server {url} failed after {retries + 1} attempts; last error: {problem}")
 
 
-def parse_server_hit(item, url: str) -> dict:
-    """{"document": {"id", "contents"}, "score"} or, without scores, a bare
-    {"id", "contents"} -> {"id", "title", "text", "score"}; id/score may be None."""
+def parse_server_hit(item) -> dict:
+    """{"document": {"id", "contents"}, "score"} or, without scores, a bare {"id", "contents"} -> {"id", "title",
+    "text", "score"}; id/score may be None. Anything else is a ValueError."""
     doc = item.get("document", item) if isinstance(item, dict) else None
     if not isinstance(doc, dict) or not isinstance(doc.get("contents"), str):
-        raise RetrievalError(  # noqa: TRY004 (a bad server answer is a RetrievalError)
-            f"retrieval server {url}: expected a hit like {{'document': {{'contents': ...}}, "
-            f"'score': ...}}, got {str(item)[:300]!r}")
+        raise ValueError(f"expected a hit like {{'document': {{'contents': ...}}, 'score': ...}}, "
+                         f"got {str(item)[:300]!r}")
     title, text = split_contents(doc["contents"])
     score = item.get("score") if "document" in item else None
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+        raise ValueError(f"a hit's \"score\" must be a number, got {str(score)[:100]!r}")
     doc_id = str(doc["id"]) if doc.get("id") is not None else None
     return {"id": doc_id, "title": title, "text": text,
             "score": None if score is None else float(score)}
 
 
+def check_url(url: str) -> None:
+    """Refuse (ValueError) what cannot be a retrieval server's address, before any request."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a port that is not a number)
+    except ValueError as e:
+        raise ValueError(f"{url!r} is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL (e.g. http://host:8000/retrieve)")
+
+
 def remote_searcher(url: str, timeout: float = 30, retries: int = 3, backoff: float = 1.0, *,
                     max_chars: int = MAX_PASSAGE_CHARS):
     """Return searcher(queries, k) that asks a Search-R1 retrieval server
-    (`url` is the full endpoint, e.g. http://host:8000/retrieve). All queries
-    of one call travel in one request; texts are cut to max_chars."""
+    (`url` is the full endpoint, e.g. http://host:8000/retrieve) directly,
+    without a proxy. All queries of one call travel in one request; the
+    whole answer must arrive within `timeout` seconds; texts are cut to
+    max_chars. A bad url or timeout is a ValueError at once."""
+    check_url(url)
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout}")
     cut = passage_cutter(max_chars)
 
     def searcher(queries: list[str], k: int) -> list[list[dict]]:
         if isinstance(queries, str):
             raise TypeError("queries must be a list of strings, not one string")
+
+        def parse(answer):
+            result = answer.get("result") if isinstance(answer, dict) else None
+            if not isinstance(result, list) or len(result) != len(queries) \
+                    or not all(isinstance(hits, list) for hits in result):
+                raise ValueError(f"expected {{'result': [one list of hits per query]}} with {len(queries)} "
+                                 f"lists, got {str(answer)[:300]!r}")
+            return [[parse_server_hit(item) for item in hits] for hits in result]
+
         payload = {"queries": list(queries), "topk": k, "return_scores": True}
-        answer = post_json(url, payload, timeout, retries, backoff)
-        result = answer.get("result") if isinstance(answer, dict) else None
-        if not isinstance(result, list) or len(result) != len(queries) \
-                or not all(isinstance(hits, list) for hits in result):
-            raise RetrievalError(f"retrieval server {url}: expected {{'result': [one list of hits per "
-                                 f"query]}} with {len(queries)} lists, got {str(answer)[:300]!r}")
-        return cut([[parse_server_hit(item, url) for item in hits] for hits in result])
+        return cut(post_json(url, payload, timeout, retries, backoff, parse))
     return searcher
 
 
@@ -521,7 +603,7 @@ def check(index: BM25Index, queries: list[str], k: int) -> None:
 
 
 def positive_int(text: str) -> int:
-    """argparse type for -k and --max-passage-chars (-k 0 would print no hits)."""
+    """argparse type for -k, --max-passage-chars and --benchmark (-k 0 would print no hits)."""
     value = int(text)  # a ValueError makes argparse say "invalid positive_int value"
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -541,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-passage-chars", type=positive_int, default=MAX_PASSAGE_CHARS,
                         help="cut longer passage texts to this many characters (and say so)")
     parser.add_argument("--check", action="store_true", help="compare scores with rank_bm25")
-    parser.add_argument("--benchmark", type=int, nargs="+", metavar="N",
+    parser.add_argument("--benchmark", type=positive_int, nargs="+", metavar="N",
                         help="time build and queries on synthetic corpora of N passages")
     args = parser.parse_args(argv)
     if not (args.queries or args.check or args.benchmark):
@@ -550,7 +632,11 @@ def main(argv: list[str] | None = None) -> None:
         return benchmark(args.benchmark)
     if args.url:
         try:
-            results = remote_searcher(args.url, max_chars=args.max_passage_chars)(args.queries, args.k)
+            searcher = remote_searcher(args.url, max_chars=args.max_passage_chars)
+        except ValueError as e:  # not a URL
+            parser.exit(1, f"{parser.prog}: --url: {e}\n")
+        try:
+            results = searcher(args.queries, args.k)
         except RetrievalError as e:
             parser.exit(1, f"{parser.prog}: {e}\n")
     else:

@@ -65,12 +65,13 @@ def tiny_policy(cfg):
     if cfg.warm_steps and missing:
         raise SystemExit(f"--warm-steps needs questions with a 'support' hop chain (as data/make_world.py "
                          f"writes); {len(missing)} lack it, e.g. {missing[0]}. Use --warm-steps 0.")
+    texts = tiny_tokenizer_texts(cfg)                   # reads the corpus: a bad line stops here, before any work
     print(f"warm start: building the tiny model ({cfg.pretrain_steps} pretraining and {cfg.warm_steps} imitation "
           f"steps); it is kept in {folder} for later runs with these settings")
     t0 = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = ms.load_policy(build_tiny_model(cfg, tiny_tokenizer_texts(cfg), tmp), device)
+        model, tokenizer = ms.load_policy(build_tiny_model(cfg, texts, tmp), device)
     log = {"settings": settings}
     if cfg.pretrain_steps:
         log["pretrain"] = pretrain(model, tokenizer, questions, cfg)
@@ -130,12 +131,12 @@ def small_qwen2(vocab, hidden, layers, **special_ids):
 
 
 def tiny_tokenizer_texts(cfg):
-    """What the tiny tokenizer learns its merges from: the corpus, the questions and the prompt's words."""
+    """What the tiny tokenizer learns its merges from: the corpus, the questions and the prompt's words. The files
+    are read by retriever.py's readers, as everywhere else: a bad line stops with its file and line (DataError)."""
     texts = [ms.SYSTEM_PROMPT, ms.user_message("", ""), ms.information_text([]), EXPERT_SEARCH, EXPERT_ANSWER,
              EXPERT_MEMORY] * 50
-    texts += [json.loads(line)["contents"] for line in open(cfg.corpus, encoding="utf-8") if line.strip()]
-    for f in cfg.train_file:
-        texts += [json.loads(line)["question"] for line in open(f, encoding="utf-8") if line.strip()]
+    texts += [f"{doc['title']}\n{doc['text']}" for doc in load_corpus(cfg.corpus)]   # a FlashRAG "contents"
+    texts += [q["question"] for f in cfg.train_file for q in ms.load_questions(f)]
     return texts
 
 
