@@ -68,8 +68,8 @@ from transformers.utils import logging as hf_logging
 
 from retriever import (PAPER_BENCHMARKS, DataError, RetrievalError, benchmark_name, check_url, format_hits,
                        load_questions, local_searcher, remote_searcher)
-from runs import (latest_checkpoint, log_metrics, open_run, read_metrics, restore_trainer_state, rng_states,
-                  save_checkpoint)
+from runs import (begin_run, latest_checkpoint, log_metrics, open_run, read_metrics, restore_trainer_state,
+                  resume_command, rng_states, save_checkpoint, stop_requests)
 
 DATA = Path(__file__).parent / "data"
 
@@ -88,7 +88,7 @@ def flag(default, help, must_be=None):
 
 CHECKS = {"at least 1": lambda v: v >= 1, "at least 0": lambda v: v >= 0, "positive": lambda v: v > 0,
           "positive and finite": lambda v: 0 < v < math.inf, "between 0 and 1": lambda v: 0 <= v <= 1,
-          "greater than 1": lambda v: v > 1}
+          "greater than 1": lambda v: v > 1, "between 0 and 2**32 - 1": lambda v: 0 <= v < 2**32}
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Config:
     retriever_retries: int = flag(3, "retries of a failed retrieval request, with back-off", "at least 0")
     max_passage_chars: int = flag(20_000, "longer passages are cut (and reported) for the model", "at least 1")
     output_dir: str = flag("runs/small", "checkpoints and metrics.jsonl go here")
-    seed: int = flag(0, "random seed")
+    seed: int = flag(0, "random seed", "between 0 and 2**32 - 1")
     # multi-context GRPO
     group_size: int = flag(5, "G: rollouts per question", "at least 1")
     questions_per_step: int = flag(32, "questions per training step (trajectories = this x G)", "at least 1")
@@ -780,14 +780,23 @@ def evaluate(model, tokenizer, search, questions, cfg):
 
 
 def train_and_evaluate(cfg, initial):
-    """The whole run: GRPO from the policy saved at `initial` (also the KL reference), with an evaluation before,
-    every --eval-every steps and after, a checkpoint every --save-every steps and at the end."""
+    """The whole run: GRPO from the policy `initial` (also the KL reference), with an evaluation before, every
+    --eval-every steps and after, a checkpoint every --save-every steps and at the end. `initial` is a folder or
+    a hub id, or a function that builds one (the tiny model's warm start: minutes), called once every check of
+    the run folder and the data has passed."""
+    out, start, lock = open_run(cfg)                       # every check of the run folder, before any work
+    with lock:                                             # one run in the folder until this one ends or fails
+        return grpo_run(cfg, initial, out, start)
+
+
+def grpo_run(cfg, initial, out, start):
+    """train_and_evaluate's run, in the folder `out` that it holds, from step `start`."""
+    train_qs, test_qs, search = load_data(cfg)
+    initial = initial() if callable(initial) else initial
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train_qs, test_qs, search = load_data(cfg)
-    out, start, lock = open_run(cfg)                       # lock: held until the run ends
     model, tokenizer = load_policy(str(latest_checkpoint(out)) if cfg.resume else initial, device)
     ref_model = None
     if cfg.kl_coef > 0:
@@ -801,6 +810,7 @@ def train_and_evaluate(cfg, initial):
     if cfg.resume:
         restore_trainer_state(optimizer, latest_checkpoint(out))
         print(f"resumed from {latest_checkpoint(out)} at step {start}")
+    begin_run(cfg, out, start)                             # only now is an earlier run moved aside
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}")
     evaluated = {r["step"] for r in read_metrics(out) if "eval" in r}   # a resumed run does not evaluate twice
 
@@ -808,44 +818,59 @@ def train_and_evaluate(cfg, initial):
         t0 = time.time()
         metrics, trajs = evaluate(model, tokenizer, search, test_qs, cfg)
         log_metrics(out, {"step": step, "eval": metrics, "eval_s": round(time.time() - t0, 1)})
+        evaluated.add(step)
         tqdm.write(format_eval(step, metrics, per_benchmark=len(cfg.test_file) > 1))
         return metrics, trajs
 
-    before = run_eval(0) if 0 not in evaluated else None
-    bar = tqdm(range(start, cfg.steps), desc="GRPO", unit="step", initial=start, total=cfg.steps)
-    done, silent, rng = start, 0, rng_states()             # steps taken; steps in a row with no mixed group
-    try:
-        for step in bar:
-            rng = rng_states()                             # a step that fails is taken again on --resume
-            batch = step_questions(train_qs, cfg, step)
-            trajs, stats = grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg)
-            done = step + 1
-            metrics = summarize(trajs)
-            tokens_per_s = metrics["sampled_tokens"] * len(trajs) / stats["rollout_s"]
-            log_metrics(out, {"step": done, **stats, **{k: metrics[k] for k in ["turns", "sampled_tokens",
-                              "answered", "stops", "context_tokens_per_turn"]},
-                              "sampled_tokens_per_s": round(tokens_per_s, 1)})
-            bar.set_postfix(reward=f"{stats['reward']:.3f}", mixed=f"{stats['mixed_groups']:.2f}")
-            silent = silent + 1 if stats["mixed_groups"] == 0 and cfg.group_size > 1 else 0
-            if silent == 3:
-                tqdm.write(NO_SIGNAL.format(reward=stats["reward"]))
-            if cfg.print_every and done % cfg.print_every == 0:
-                tqdm.write(f"[step {done}] " + format_trajectory(trajs[0]))
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                run_eval(done)
-            if cfg.save_every and done % cfg.save_every == 0:
-                save_checkpoint(model, tokenizer, optimizer, done, out)
-    except RetrievalError as err:
-        # A retrieval server that stays down must not cost the run: keep what was learned, say how to go on.
-        path = save_checkpoint(model, tokenizer, optimizer, done, out, rng)
-        raise SystemExit(f"{err}\nStopped: saved {path} after {done} steps. When the server is back, rerun the "
-                         "same command with --resume.") from err
-    if done > start or not cfg.resume:
-        save_checkpoint(model, tokenizer, optimizer, cfg.steps, out)
-    if cfg.steps in evaluated:
+    def eval_due(step):
+        return cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
+
+    with stop_requests() as stop:                          # Ctrl-C, SIGTERM: finish the step, save, say how to go on
+        before = run_eval(0) if 0 not in evaluated else None
+        if eval_due(start) and start not in evaluated:
+            run_eval(start)                                # a failure stopped the run before this evaluation
+        bar = tqdm(range(start, cfg.steps), desc="GRPO", unit="step", initial=start, total=cfg.steps)
+        done, silent, rng = start, 0, rng_states()         # steps taken; steps in a row with no mixed group
+        saved = start if cfg.resume else None              # the step of the checkpoint that holds the weights now
+        try:
+            for step in bar:
+                if stop.is_set():
+                    break
+                rng = rng_states()                         # a step that fails is taken again on --resume
+                batch = step_questions(train_qs, cfg, step)
+                trajs, stats = grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg)
+                done, rng = step + 1, rng_states()         # a failure from here on keeps this step
+                metrics = summarize(trajs)
+                tokens_per_s = metrics["sampled_tokens"] * len(trajs) / stats["rollout_s"]
+                log_metrics(out, {"step": done, **stats, **{k: metrics[k] for k in ["turns", "sampled_tokens",
+                                  "answered", "stops", "context_tokens_per_turn"]},
+                                  "sampled_tokens_per_s": round(tokens_per_s, 1)})
+                bar.set_postfix(reward=f"{stats['reward']:.3f}", mixed=f"{stats['mixed_groups']:.2f}")
+                silent = silent + 1 if stats["mixed_groups"] == 0 and cfg.group_size > 1 else 0
+                if silent == 3:
+                    tqdm.write(NO_SIGNAL.format(reward=stats["reward"]))
+                if cfg.print_every and done % cfg.print_every == 0:
+                    tqdm.write(f"[step {done}] " + format_trajectory(trajs[0]))
+                if eval_due(done):
+                    run_eval(done)
+                if cfg.save_every and done % cfg.save_every == 0:
+                    save_checkpoint(model, tokenizer, optimizer, done, out)
+                    saved = done
+        except RetrievalError as err:
+            # A retrieval server that stays down must not cost the run: keep what was learned, say how to go on.
+            if saved != done:
+                save_checkpoint(model, tokenizer, optimizer, done, out, rng)
+            raise SystemExit(f"{err}\nStopped: saved {out / f'checkpoint-{done:06d}'} after {done} steps. When the "
+                             f"server is back, continue with: {resume_command()}") from err
+        if saved != done:                                  # never the same step twice (see runs.save_model)
+            save_checkpoint(model, tokenizer, optimizer, done, out)
+        if stop.is_set():
+            raise SystemExit(f"Stopped: saved {out / f'checkpoint-{done:06d}'} after {done} steps. To continue: "
+                             f"{resume_command()}")
+    if cfg.steps in evaluated and before is None:
         print(f"the run in {out} is complete: its final evaluation is in {out / 'metrics.jsonl'}")
         return None
-    after = run_eval(cfg.steps)
+    after = before if cfg.steps in evaluated else run_eval(cfg.steps)     # --steps 0: one evaluation
     print(f"metrics in {out / 'metrics.jsonl'} (plot them: python docs/measure.py curves {out})")
     report(before, after)
     return after[0]
@@ -857,7 +882,7 @@ def main(argv=None):
         initial = cfg.model
         if cfg.model == "tiny":
             from data.warm_start import tiny_policy      # a teaching aid, outside the method: see its docstring
-            initial = tiny_policy(cfg)
+            initial = lambda: tiny_policy(cfg)           # built after every check (train_and_evaluate)
         return train_and_evaluate(cfg, initial)
     except (DataError, RetrievalError) as err:          # the user can fix these: the message says how
         if os.environ.get("MEMSEARCHER_TRACEBACK"):
@@ -1009,6 +1034,14 @@ def check_config(cfg):
                          f"{cfg.max_information_tokens} (each takes at least {MIN_PASSAGE_TOKENS} tokens); use at most "
                          f"--top-k {cfg.max_information_tokens // MIN_PASSAGE_TOKENS}, or raise "
                          "--max-information-tokens if the model's context allows")
+    if cfg.model == "tiny" and cfg.tiny_hidden % 8:      # rotary embeddings need an even size per head
+        raise SystemExit(f"--tiny-hidden must be a multiple of 8: 4 attention heads of an even size (got "
+                         f"{cfg.tiny_hidden})")
+    model = Path(cfg.model).expanduser()
+    looks_local = cfg.model.startswith((".", "/", "~")) or (len(model.parts) > 1 and Path(model.parts[0]).exists())
+    if cfg.model != "tiny" and looks_local and not model.exists():      # a hub id (Qwen/...) is looked up later
+        raise SystemExit(f"--model {cfg.model}: no such folder (give a model folder, a hub id such as "
+                         "Qwen/Qwen2.5-0.5B-Instruct, or tiny)")
     if cfg.model != "tiny" and (cfg.pretrain_steps or cfg.warm_steps):
         raise SystemExit("--pretrain-steps and --warm-steps warm-start the tiny model (--model tiny); another "
                          "model starts from what it already knows: set them to 0")

@@ -34,6 +34,7 @@ import retriever as r
 import runs
 from retriever import local_searcher
 from test_retriever import search_r1_answer, serve
+from test_runs import quick_config
 
 ROOT = Path(__file__).parent
 
@@ -1049,10 +1050,10 @@ def test_a_run_stopped_and_resumed_is_the_uninterrupted_run(tmp_path, learned):
     assert torch.equal(weights(tmp_path / "a" / "checkpoint-000003"), weights(tmp_path / "b" / "checkpoint-000003"))
 
 
-def test_tiny_preset_warm_start_only_for_the_model_it_builds():
+def test_tiny_preset_warm_start_only_for_the_model_it_builds(tmp_path):
     built = ms.parse_args(["--tiny"])
     assert (built.model, built.pretrain_steps, built.warm_steps) == ("tiny", 300, 2400)
-    loaded = ms.parse_args(["--tiny", "--model", "runs/tiny/checkpoint-000030"])
+    loaded = ms.parse_args(["--tiny", "--model", str(tmp_path)])           # a checkpoint folder
     assert (loaded.pretrain_steps, loaded.warm_steps, loaded.group_size) == (0, 0, 8)
     with pytest.raises(SystemExit, match="--warm-steps warm-start the tiny model"):
         ms.parse_args(["--tiny", "--model", "some/path", "--warm-steps", "5"])
@@ -1200,122 +1201,6 @@ def test_bad_question_lines_name_file_and_line(tmp_path, line, message):
     with pytest.raises(ValueError, match=message) as error:
         r.load_questions(path)
     assert str(error.value).startswith(f"{path}:2: ")
-
-
-# ----------------------------------------------------------------------------------------- the run folder ---
-
-def quick_config(out, **overrides):
-    """A random tiny model, no warm start, 2-question steps: a whole run in a few seconds."""
-    settings = dict(pretrain_steps=0, warm_steps=0, steps=2, group_size=2, questions_per_step=2, eval_n=2,
-                    max_new_tokens=8, max_turns=2, eval_max_turns=2, eval_every=0, print_every=0,
-                    warm_start_dir=str(Path(out).parent / "warm"))
-    return tiny_config(out, **{**settings, **overrides})
-
-
-def logged_steps(out):
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    return [r["step"] for r in records if "reward" in r], [r["step"] for r in records if "eval" in r]
-
-
-def test_a_new_run_moves_an_earlier_run_aside(tmp_path):
-    out = tmp_path / "run"
-    train(quick_config(out))
-    train(quick_config(out, seed=1))
-    previous, = out.glob("previous-*")
-    assert (previous / "latest").read_text().strip() == "checkpoint-000002" and (previous / "metrics.jsonl").exists()
-    assert json.loads((out / "run.json").read_text())["seed"] == 1 and logged_steps(out) == ([1, 2], [0, 2])
-
-
-def test_resume_refuses_another_runs_settings_and_fewer_steps(tmp_path):
-    out = tmp_path / "run"
-    train(quick_config(out, steps=2, save_every=1))
-    with pytest.raises(SystemExit, match=r"--resume: .*--seed 0 -> 1; --lr 0.0003 -> 0.1"):
-        train(quick_config(out, steps=3, resume=True, seed=1, lr=0.1))
-    with pytest.raises(SystemExit, match="--steps 1: the run .* is already at step 2"):
-        train(quick_config(out, steps=1, resume=True))
-    assert (out / "latest").read_text().strip() == "checkpoint-000002" and (out / "checkpoint-000002").is_dir()
-    (out / "latest").write_text("checkpoint-000009")
-    with pytest.raises(SystemExit, match="names checkpoint-000009, which is missing"):
-        train(quick_config(out, steps=3, resume=True))
-
-
-def test_one_run_per_folder(tmp_path):
-    cfg = quick_config(tmp_path / "run")
-    _, _, lock = runs.open_run(cfg)
-    with pytest.raises(SystemExit, match=f"used by a running run \\(pid {os.getpid()}\\)"):
-        runs.open_run(cfg)
-    lock.close()                                            # what the OS does when a run dies
-    runs.open_run(ms.Config(**{**asdict(cfg), "resume": False}))
-
-
-def test_resume_after_a_kill_logs_every_step_once(tmp_path):
-    out = tmp_path / "run"
-    train(quick_config(out, steps=2, save_every=1))
-    with open(out / "metrics.jsonl", "a") as f:            # killed after logging step 3, before its checkpoint
-        f.write(json.dumps({"step": 3, "reward": 0.0}) + "\n" + '{"step": 4, "rew')
-    (out / ".tmp-checkpoint-000003-999").mkdir()            # and in the middle of saving it
-    train(quick_config(out, steps=4, save_every=1, resume=True))
-    assert logged_steps(out) == ([1, 2, 3, 4], [0, 2, 4])
-    assert not list(out.glob(".tmp-*")) and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000004"]
-    assert train(quick_config(out, steps=4, resume=True)) is None   # complete: nothing run or logged again
-    assert logged_steps(out) == ([1, 2, 3, 4], [0, 2, 4])
-
-
-def test_resume_after_a_retrieval_failure_at_step_0_evaluates_once(tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    real_rollout = ms.rollout
-
-    def failing(*args, **kwargs):
-        if not kwargs.get("greedy"):
-            raise r.RetrievalError("retrieval server http://x/retrieve failed after 4 attempts")
-        return real_rollout(*args, **kwargs)
-
-    monkeypatch.setattr(ms, "rollout", failing)
-    with pytest.raises(SystemExit, match="after 0 steps"):
-        train(quick_config(out))
-    monkeypatch.setattr(ms, "rollout", real_rollout)
-    train(quick_config(out, resume=True))
-    assert logged_steps(out) == ([1, 2], [0, 2])
-
-
-def test_no_learning_signal_is_reported(tmp_path, monkeypatch, capsys):
-    real_step = ms.grpo_step
-    monkeypatch.setattr(ms, "grpo_step", lambda *a: (lambda trajs, stats: (trajs, {**stats, "mixed_groups": 0.0}))(
-        *real_step(*a)))
-    train(quick_config(tmp_path / "run", steps=3))
-    assert capsys.readouterr().out.count("every group's rewards were equal") == 1
-
-
-@pytest.mark.slow
-def test_kill_9_at_random_points_then_resume_gives_every_step_once(tmp_path):
-    """A real run, killed with SIGKILL at random moments while it trains and resumed each time, ends with each
-    step and each evaluation logged once."""
-    out = tmp_path / "run"
-    args = ["--tiny", "--output-dir", str(out), "--warm-start-dir", str(tmp_path / "warm"), "--pretrain-steps", "0",
-            "--warm-steps", "0", "--steps", "30", "--save-every", "1", "--group-size", "2",
-            "--questions-per-step", "2", "--eval-n", "2", "--eval-every", "10", "--max-new-tokens", "8",
-            "--max-turns", "2", "--eval-max-turns", "2"]
-    command = [sys.executable, str(ROOT / "memsearcher.py"), *args]
-    rng, kills = random.Random(0), 0
-    for attempt in range(80):
-        resume = ["--resume"] if (out / "latest").exists() else []
-        process = subprocess.Popen(command + resume, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        lines = len(runs.read_metrics(out)) if resume else 0
-        target = lines + rng.randint(1, 3)          # kill once a few more lines are logged, a moment later
-        while process.poll() is None and (not (out / "metrics.jsonl").exists()
-                                          or len(runs.read_metrics(out)) < target):
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.1))
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-            kills += 1
-            continue
-        assert process.returncode == 0
-        break
-    assert kills >= 3
-    assert logged_steps(out) == (list(range(1, 31)), [0, 10, 20, 30])
 
 
 # ------------------------------------------------------------------------------------- data a user brings ---

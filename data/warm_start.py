@@ -18,8 +18,9 @@ The imitator then samples good and bad trajectories for the same question, which
 greedy decoding follows the expert's more likely choice: it forgets, as the expert does 60% of the time.
 
 The result is built once per setting and kept in --warm-start-dir (runs/warm-start): a later run with the same
-settings loads it and goes straight to GRPO; --rebuild-warm-start builds it again. This file uses
-memsearcher.py (prompt, conversation format, log-probs); memsearcher.py's method never uses this file.
+settings loads it and goes straight to GRPO; --rebuild-warm-start builds it again, and is what a damaged one asks
+for. Runs that need the same warm start at once build it once: a lock per folder makes the others wait. This
+file uses memsearcher.py (prompt, conversation format, log-probs); memsearcher.py's method never uses this file.
 """
 import hashlib
 import json
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 import memsearcher as ms
 from retriever import format_hits, load_corpus, local_searcher
-from runs import save_model, write_atomic
+from runs import save_model, take_lock, tidy, write_atomic
 
 # Bump a workflow's number when this file changes what its warm start produces: kept ones are then built again.
 WARM_START_VERSION = {"memsearcher": 3, "react": 4}
@@ -55,16 +56,41 @@ def tiny_policy(cfg):
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     settings["workflow"] = cfg.workflow                 # named in the folder: its expert plays this workflow
     folder = Path(cfg.warm_start_dir) / f"tiny-{cfg.workflow}-seed{cfg.seed}-{digest}"
-    record = folder / "warm_start.json"                 # written last: a folder without it is built again
-    if record.exists() and not cfg.rebuild_warm_start:
-        print(f"warm start: reusing {folder}, built by an earlier run with these settings "
-              "(--rebuild-warm-start builds it again)")
-        return str(folder)
     questions = [q for path in cfg.train_file for q in ms.load_questions(path)]
     missing = [q["id"] for q in questions if "support" not in q]
     if cfg.warm_steps and missing:
         raise SystemExit(f"--warm-steps needs questions with a 'support' hop chain (as data/make_world.py "
                          f"writes); {len(missing)} lack it, e.g. {missing[0]}. Use --warm-steps 0.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock, holder = take_lock(folder.parent / f".lock-{folder.name}")    # one build at a time, the others wait
+    if lock is None:
+        print(f"warm start: waiting for the run (pid {holder or '?'}) that is building {folder}")
+        lock, _ = take_lock(folder.parent / f".lock-{folder.name}", wait=True)
+    with lock:
+        tidy(folder.parent, prefix=folder.name)         # what a killed build of this folder left
+        return reuse_or_build(cfg, folder, settings, questions)
+
+
+def damage(folder):
+    """What makes the kept warm start in `folder` unusable, or None."""
+    for name in ["config.json", "model.safetensors", "tokenizer.json"]:
+        if not (folder / name).is_file():
+            return f"no {name}"
+    try:
+        ms.load_policy(str(folder), torch.device("cpu"))
+    except (Exception, SystemExit) as err:              # whatever a damaged file makes the loaders raise
+        return f"it does not load: {type(err).__name__}"
+    return None
+
+
+def reuse_or_build(cfg, folder, settings, questions):
+    record = folder / "warm_start.json"                 # written last: a folder without it is built again
+    if record.exists() and not cfg.rebuild_warm_start:
+        if why := damage(folder):
+            raise SystemExit(f"warm start: {folder} is damaged ({why}): --rebuild-warm-start builds it again")
+        print(f"warm start: reusing {folder}, built by an earlier run with these settings "
+              "(--rebuild-warm-start builds it again)")
+        return str(folder)
     texts = tiny_tokenizer_texts(cfg)                   # reads the corpus: a bad line stops here, before any work
     print(f"warm start: building the tiny model ({cfg.pretrain_steps} pretraining and {cfg.warm_steps} imitation "
           f"steps); it is kept in {folder} for later runs with these settings")

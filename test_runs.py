@@ -1,0 +1,450 @@
+"""Tests for runs.py, the run folder: checks before any work, checkpoints that survive a kill, Ctrl-C, --resume.
+
+    HF_HUB_OFFLINE=1 python -m pytest -q test_runs.py
+
+Each resume test trains for real: trajectory_reward is replaced by a deterministic function that gives groups
+mixed rewards (a random tiny model never answers right), so that weights move, and a resumed run must equal the
+uninterrupted one exactly: the same weights, optimizer and random states on the same CPU give the same numbers.
+"""
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data.warm_start as warm
+import memsearcher as ms
+import retriever as r
+import runs
+
+ROOT = Path(__file__).parent
+
+
+def tiny_config(tmp, **overrides):
+    base = {**ms.PRESETS["tiny"], "output_dir": str(tmp), "warm_start_dir": str(Path(tmp) / "warm-start")}
+    return ms.Config(**{**base, **overrides})
+
+
+def train(cfg):
+    """What `python memsearcher.py` does with a Config: the tiny model's warm start, then GRPO."""
+    return ms.train_and_evaluate(cfg, warm.tiny_policy(cfg) if cfg.model == "tiny" else cfg.model)
+
+
+def quick_config(out, **overrides):
+    """A random tiny model, no warm start, 2-question steps: a whole run in a few seconds."""
+    settings = dict(pretrain_steps=0, warm_steps=0, steps=2, group_size=2, questions_per_step=2, eval_n=2,
+                    max_new_tokens=8, max_turns=2, eval_max_turns=2, eval_every=0, print_every=0,
+                    warm_start_dir=str(Path(out).parent / "warm"))
+    return tiny_config(out, **{**settings, **overrides})
+
+
+def logged_steps(out):
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [r["step"] for r in records if "reward" in r], [r["step"] for r in records if "eval" in r]
+
+
+def test_a_new_run_moves_an_earlier_run_aside(tmp_path):
+    out = tmp_path / "run"
+    train(quick_config(out))
+    train(quick_config(out, seed=1))
+    previous, = out.glob("previous-*")
+    assert (previous / "latest").read_text().strip() == "checkpoint-000002" and (previous / "metrics.jsonl").exists()
+    assert json.loads((out / "run.json").read_text())["seed"] == 1 and logged_steps(out) == ([1, 2], [0, 2])
+
+
+def test_resume_refuses_another_runs_settings_and_fewer_steps(tmp_path):
+    out = tmp_path / "run"
+    train(quick_config(out, steps=2, save_every=1))
+    with pytest.raises(SystemExit, match=r"--resume: .*--seed 0 -> 1; --lr 0.0003 -> 0.1"):
+        train(quick_config(out, steps=3, resume=True, seed=1, lr=0.1))
+    with pytest.raises(SystemExit, match="--steps 1: the run .* is already at step 2"):
+        train(quick_config(out, steps=1, resume=True))
+    assert (out / "latest").read_text().strip() == "checkpoint-000002" and (out / "checkpoint-000002").is_dir()
+    (out / "latest").write_text("checkpoint-000009")
+    with pytest.raises(SystemExit, match="names checkpoint-000009, which is missing"):
+        train(quick_config(out, steps=3, resume=True))
+
+
+def test_one_run_per_folder(tmp_path):
+    cfg = quick_config(tmp_path / "run")
+    _, _, lock = runs.open_run(cfg)
+    with pytest.raises(SystemExit, match=f"used by a running run \\(pid {os.getpid()}\\)"):
+        runs.open_run(cfg)
+    lock.close()                                            # what the OS does when a run dies
+    runs.open_run(ms.Config(**{**asdict(cfg), "resume": False}))
+
+
+def test_resume_after_a_kill_logs_every_step_once(tmp_path, learning, reference_runs):
+    out = tmp_path / "run"
+    train(quick_config(out, steps=2, save_every=1))
+    with open(out / "metrics.jsonl", "a") as f:            # killed after logging step 3, before its checkpoint
+        f.write(json.dumps({"step": 3, "reward": 0.0}) + "\n" + '{"step": 4, "rew')
+    (out / ".tmp-checkpoint-000003-999").mkdir()            # and in the middle of saving it
+    train(quick_config(out, steps=4, save_every=1, resume=True))
+    assert logged_steps(out) == ([1, 2, 3, 4], [0, 2, 4])
+    assert_same_run(out, reference_runs(4, save_every=1))
+    assert not list(out.glob(".tmp-*")) and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000004"]
+    assert train(quick_config(out, steps=4, resume=True)) is None   # complete: nothing run or logged again
+    assert logged_steps(out) == ([1, 2, 3, 4], [0, 2, 4])
+
+
+def test_resume_after_a_retrieval_failure_at_step_0_evaluates_once(tmp_path, monkeypatch, learning, reference_runs):
+    out = tmp_path / "run"
+    real_rollout = ms.rollout
+
+    def failing(*args, **kwargs):
+        if not kwargs.get("greedy"):
+            raise r.RetrievalError("retrieval server http://x/retrieve failed after 4 attempts")
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(ms, "rollout", failing)
+    with pytest.raises(SystemExit, match="after 0 steps"):
+        train(quick_config(out))
+    monkeypatch.setattr(ms, "rollout", real_rollout)
+    train(quick_config(out, resume=True))
+    assert logged_steps(out) == ([1, 2], [0, 2])
+    assert_same_run(out, reference_runs(2))
+
+
+def test_no_learning_signal_is_reported(tmp_path, monkeypatch, capsys):
+    real_step = ms.grpo_step
+    monkeypatch.setattr(ms, "grpo_step", lambda *a: (lambda trajs, stats: (trajs, {**stats, "mixed_groups": 0.0}))(
+        *real_step(*a)))
+    train(quick_config(tmp_path / "run", steps=3))
+    assert capsys.readouterr().out.count("every group's rewards were equal") == 1
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume_gives_every_step_once(tmp_path):
+    """A real run, killed with SIGKILL at random moments while it trains and resumed each time, ends with each
+    step and each evaluation logged once."""
+    out = tmp_path / "run"
+    args = ["--tiny", "--output-dir", str(out), "--warm-start-dir", str(tmp_path / "warm"), "--pretrain-steps", "0",
+            "--warm-steps", "0", "--steps", "30", "--save-every", "1", "--group-size", "2",
+            "--questions-per-step", "2", "--eval-n", "2", "--eval-every", "10", "--max-new-tokens", "8",
+            "--max-turns", "2", "--eval-max-turns", "2"]
+    command = [sys.executable, str(ROOT / "memsearcher.py"), *args]
+    rng, kills = random.Random(0), 0
+    for attempt in range(80):
+        resume = ["--resume"] if (out / "latest").exists() else []
+        process = subprocess.Popen(command + resume, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lines = len(runs.read_metrics(out)) if resume else 0
+        target = lines + rng.randint(1, 3)          # kill once a few more lines are logged, a moment later
+        while process.poll() is None and (not (out / "metrics.jsonl").exists()
+                                          or len(runs.read_metrics(out)) < target):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.1))
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+            kills += 1
+            continue
+        assert process.returncode == 0
+        break
+    assert kills >= 3
+    assert logged_steps(out) == (list(range(1, 31)), [0, 10, 20, 30])
+
+
+
+
+# ------------------------------------------------------------------------------- resumed runs train for real ---
+
+def mixed_reward(t):
+    """A deterministic stand-in for exact match that a random model gets right half the time: 1 when the sum of
+    the token ids it sampled is even. Groups get mixed rewards, so advantages are not 0 and weights move."""
+    return float(sum(i for c in t["convs"] for i, m in zip(c["ids"], c["mask"]) if m) % 2 == 0)
+
+
+@pytest.fixture
+def learning(monkeypatch):
+    monkeypatch.setattr(ms, "trajectory_reward", mixed_reward)
+
+
+def step_metrics(out):
+    return [(rec["step"], rec["reward"], rec["loss"], rec["grad_norm"]) for rec in runs.read_metrics(out)
+            if "reward" in rec]
+
+
+def final_weights(out):
+    return load_file(runs.latest_checkpoint(out) / "model.safetensors")
+
+
+def assert_same_run(out, reference):
+    """The same metrics at every step and the same final weights, exactly."""
+    assert step_metrics(out) == step_metrics(reference)
+    mine, theirs = final_weights(out), final_weights(reference)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory):
+    """Uninterrupted runs that learn (mixed rewards), by number of steps: what resumed runs must equal."""
+    made = {}
+
+    def run(steps, **overrides):
+        key = (steps, *sorted(overrides.items()))
+        if key not in made:
+            out = tmp_path_factory.mktemp("reference") / "run"
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(ms, "trajectory_reward", mixed_reward)
+                train(quick_config(out, steps=steps, **overrides))
+            made[key] = out
+        return made[key]
+    return run
+
+
+def test_the_reference_run_learns(reference_runs):
+    records = [rec for rec in runs.read_metrics(reference_runs(3)) if "reward" in rec]
+    assert any(rec["mixed_groups"] > 0 and rec["grad_norm"] > 0 for rec in records)
+    start = load_file(Path(warm.tiny_policy(quick_config(reference_runs(3)))) / "model.safetensors")
+    assert any(not torch.equal(start[k], w) for k, w in final_weights(reference_runs(3)).items())
+
+
+# ------------------------------------------------------------------------------- a kill at any point of a save ---
+
+def test_a_kill_at_any_point_of_the_final_save_leaves_a_run_that_resumes(tmp_path, monkeypatch, learning,
+                                                                          reference_runs):
+    """The folder as a kill would leave it before each rename or delete of the final save (--save-every dividing
+    --steps): --resume accepts it and ends with the uninterrupted run."""
+    out = tmp_path / "run"
+    snapshots = []
+
+    def snapshot_before(real):
+        def call(path, *args, **kwargs):
+            if Path(path).parent == out and 2 in logged_steps_so_far(out):
+                snapshots.append(tmp_path / f"killed-{len(snapshots)}")
+                shutil.copytree(out, snapshots[-1])
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(runs.os, "replace", snapshot_before(os.replace))
+    monkeypatch.setattr(runs.shutil, "rmtree", snapshot_before(shutil.rmtree))
+    train(quick_config(out, steps=2, save_every=1))
+    monkeypatch.undo()
+    monkeypatch.setattr(ms, "trajectory_reward", mixed_reward)
+    assert len(snapshots) >= 3
+    for killed in snapshots:
+        train(quick_config(killed, steps=2, save_every=1, resume=True))
+        assert logged_steps(killed) == ([1, 2], [0, 2])
+        assert_same_run(killed, reference_runs(2, save_every=1))
+
+
+def test_a_complete_copy_left_by_a_killed_save_is_put_back_not_removed(tmp_path, learning, reference_runs):
+    out = tmp_path / "run"
+    train(quick_config(out, steps=2, save_every=1))
+    os.replace(out / "checkpoint-000002", out / ".tmp-checkpoint-000002-999")   # killed between the two renames
+    train(quick_config(out, steps=3, save_every=1, resume=True))
+    assert logged_steps(out) == ([1, 2, 3], [0, 2, 3])
+    assert_same_run(out, reference_runs(3, save_every=1))
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
+
+
+# ------------------------------------------------------------------------------------- refused before any work ---
+
+def test_what_can_be_checked_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Each refusal comes before the warm start or the index is built, and leaves the earlier run as it was."""
+    out, warm_dir = tmp_path / "run", tmp_path / "warm"
+    base = ["--tiny", "--output-dir", str(out), "--warm-start-dir", str(warm_dir), "--pretrain-steps", "0",
+            "--warm-steps", "0", "--group-size", "2", "--questions-per-step", "2", "--eval-n", "2",
+            "--max-new-tokens", "8", "--max-turns", "2", "--eval-max-turns", "2", "--eval-every", "0",
+            "--print-every", "0", "--save-every", "1"]
+    ms.main(base + ["--steps", "2"])
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before every check was made")
+
+    monkeypatch.setattr(warm, "tiny_policy", work)
+    monkeypatch.setattr(ms, "local_searcher", work)
+    bad_test = tmp_path / "test.jsonl"
+    bad_test.write_text('{"question": "q?"}\n')
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    refusals = [
+        (["--steps", "3", "--resume", "--output-dir", str(tmp_path / "empty")], "holds no run"),
+        (["--steps", "3", "--resume", "--seed", "1"], "--seed 0 -> 1"),
+        (["--steps", "1", "--resume"], "--steps 1: the run .* is already at step 2"),
+        (["--steps", "3", "--test-file", str(bad_test)], "test.jsonl:1"),
+        (["--steps", "3", "--seed", "-1"], "--seed must be between 0 and 2\\*\\*32 - 1"),
+        (["--steps", "3", "--output-dir", str(a_file)], "--output-dir .*a-file: cannot write there"),
+        (["--steps", "3", "--output-dir", str(a_file / "run")], "--output-dir .*a-file/run: cannot write there"),
+        (["--steps", "3", "--model", str(tmp_path / "no-model"), "--pretrain-steps", "0", "--warm-steps", "0"],
+         "--model .*no-model: no such folder"),
+        (["--steps", "3", "--model", "./no-model", "--pretrain-steps", "0", "--warm-steps", "0"],
+         "--model ./no-model: no such folder"),
+        (["--steps", "3", "--tiny-hidden", "2"], "--tiny-hidden must be a multiple of 8"),
+    ]
+    for args, message in refusals:
+        with pytest.raises(SystemExit, match=message):
+            ms.main(base + args)
+    (out / "latest").write_text("checkpoint-000009")
+    with pytest.raises(SystemExit, match="names checkpoint-000009, which is missing"):
+        ms.main(base + ["--steps", "3", "--resume"])
+    (out / "latest").write_text("checkpoint-000002")
+    state = out / "checkpoint-000002" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match="trainer_state.pt is damaged"):
+        ms.main(base + ["--steps", "3", "--resume"])
+    state.write_bytes(before[state.relative_to(out)])
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before and not list(out.glob("previous-*"))
+    assert ms.parse_args(["--model", "Qwen/Qwen2.5-0.5B-Instruct"]).model == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_steps_0_evaluates_once(tmp_path):
+    out = tmp_path / "run"
+    train(quick_config(out, steps=0))
+    assert logged_steps(out) == ([], [0]) and (out / "latest").read_text().strip() == "checkpoint-000000"
+
+
+# ------------------------------------------------------------------------------- Ctrl-C, SIGTERM, failures ---
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_saves_the_steps_done_and_the_resumed_run_is_the_same_run(tmp_path, monkeypatch, capsys, learning,
+                                                                        reference_runs, signum):
+    out = tmp_path / "run"
+
+    def log_then_stop(folder, record):
+        runs.log_metrics(folder, record)
+        if record.get("step") == 1 and "reward" in record:
+            os.kill(os.getpid(), signum)                   # as Ctrl-C or `kill` would, in the middle of a step
+
+    monkeypatch.setattr(ms, "log_metrics", log_then_stop)
+    with pytest.raises(SystemExit, match=r"Stopped: saved .*checkpoint-000001 after 1 steps. To continue: python "
+                                         r".* --resume$"):
+        train(quick_config(out, steps=3))
+    assert "stopping after this step" in capsys.readouterr().err
+    assert (out / "latest").read_text().strip() == "checkpoint-000001"
+    monkeypatch.setattr(ms, "log_metrics", runs.log_metrics)
+    train(quick_config(out, steps=3, resume=True))
+    assert logged_steps(out) == ([1, 2, 3], [0, 3])
+    assert_same_run(out, reference_runs(3))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # the handlers are put back
+
+
+def test_a_retrieval_failure_in_an_evaluation_keeps_the_step_taken(tmp_path, monkeypatch, learning, reference_runs):
+    """The evaluation after step 2 fails: the checkpoint holds step 2 with the random state after it, so the
+    resumed run evaluates at step 2 and goes on as the uninterrupted run."""
+    out = tmp_path / "run"
+    real_rollout, evaluations = ms.rollout, []
+
+    def failing(*args, **kwargs):
+        if kwargs.get("greedy"):
+            evaluations.append(1)
+            if len(evaluations) == 3:                      # at steps 0, 1, then 2
+                raise r.RetrievalError("retrieval server http://x/retrieve failed after 4 attempts")
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(ms, "rollout", failing)
+    with pytest.raises(SystemExit, match="after 2 steps"):
+        train(quick_config(out, steps=3, eval_every=1))
+    monkeypatch.setattr(ms, "rollout", real_rollout)
+    train(quick_config(out, steps=3, eval_every=1, resume=True))
+    assert_same_run(out, reference_runs(3, eval_every=1))
+    assert logged_steps(out) == ([1, 2, 3], [0, 1, 2, 3])
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_real_tiny_run_saves_and_prints_the_command_to_continue(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "memsearcher.py"), "--tiny", "--output-dir", str(out), "--warm-start-dir",
+               str(tmp_path / "warm"), "--pretrain-steps", "0", "--warm-steps", "0", "--steps", "8",
+               "--group-size", "2", "--questions-per-step", "2", "--eval-n", "2", "--max-new-tokens", "8",
+               "--max-turns", "2", "--eval-max-turns", "2", "--eval-every", "0"]
+    with open(tmp_path / "err", "w") as err:
+        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                                   stdout=subprocess.DEVNULL, stderr=err)
+        while process.poll() is None and not logged_steps_so_far(out):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 1
+    message = (tmp_path / "err").read_text().strip().splitlines()[-1]
+    step = len(logged_steps_so_far(out))
+    assert step < 8 and message == (f"Stopped: saved {out}/checkpoint-{step:06d} after {step} steps. To continue: "
+                                    + shlex.join(["python", *command[1:], "--resume"]))
+    assert (out / "latest").read_text().strip() == f"checkpoint-{step:06d}"
+    result = subprocess.run([sys.executable, *shlex.split(message.split("To continue: ")[1])[1:]], cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert logged_steps(out) == (list(range(1, 9)), [0, 8])
+
+
+def logged_steps_so_far(out):
+    return [rec["step"] for rec in runs.read_metrics(out) if "reward" in rec]
+
+
+# ------------------------------------------------------------------------------------- what resuming loads ---
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def test_a_trainer_state_that_would_run_code_is_refused_unrun(tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    train(quick_config(out, steps=1))
+    state = out / "checkpoint-000001" / "trainer_state.pt"
+    assert torch.load(state, weights_only=True)["step"] == 1                # what this program writes
+    torch.save({"step": 1, "optimizer": RunsCode(marker), "rng": {}}, state)
+    with pytest.raises(SystemExit, match=r"trainer_state.pt is damaged or was not written by memsearcher.py "
+                                         r"\(UnpicklingError\); it was not loaded, since loading it could run code"):
+        train(quick_config(out, steps=2, resume=True))
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- the warm start ---
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_a_damaged_warm_start_is_named_with_its_fix(tmp_path, damage):
+    cfg = quick_config(tmp_path / "run")
+    folder = Path(warm.tiny_policy(cfg))
+    if damage == "tokenizer.json":
+        (folder / damage).unlink()
+    else:
+        (folder / damage).write_bytes((folder / damage).read_bytes()[:30])
+    with pytest.raises(SystemExit, match=f"^warm start: {folder} is damaged .*--rebuild-warm-start builds it again$"):
+        warm.tiny_policy(cfg)
+    assert warm.tiny_policy(ms.Config(**{**asdict(cfg), "rebuild_warm_start": True})) == str(folder)
+    assert warm.tiny_policy(cfg) == str(folder)
+
+
+def test_one_warm_start_build_at_a_time_and_leftovers_removed(tmp_path, monkeypatch):
+    cfg = quick_config(tmp_path / "run")
+    Path(cfg.warm_start_dir).mkdir(parents=True)
+    built, real_build = [], warm.build_tiny_model
+
+    def build(*args):
+        built.append(1)
+        time.sleep(0.5)                                    # long enough for the other run to arrive
+        return real_build(*args)
+
+    monkeypatch.setattr(warm, "build_tiny_model", build)
+    results = []
+    runs_at_once = [threading.Thread(target=lambda: results.append(warm.tiny_policy(cfg))) for _ in range(2)]
+    for t in runs_at_once:
+        t.start()
+    for t in runs_at_once:
+        t.join()
+    assert len(built) == 1 and len(results) == 2 and results[0] == results[1]
+    folder = Path(results[0])
+    left = folder.parent / f".tmp-{folder.name}-999"         # a killed rebuild's leftover
+    left.mkdir()
+    warm.tiny_policy(cfg)
+    assert not left.exists() and len(built) == 1
