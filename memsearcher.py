@@ -7,11 +7,12 @@ search it reads the retrieved passages and rewrites its memory, keeping only wha
 the question and the new memory, so the context stays about the same size however many turns it takes.
 
 A trajectory is therefore several conversations, one per turn. Multi-context GRPO samples G trajectories per
-question, scores each one by exact match, normalises the rewards within the group, and applies a trajectory's
-advantage to every token the model sampled in every one of its conversations.
+question, scores each one by exact match (or by the official code's token F1: --reward f1), normalises the
+rewards within the group, and applies a trajectory's advantage to every token the model sampled in every one of
+its conversations.
 
 Read it top to bottom, in the paper's order: config -> prompt and parsing -> the memory-updating rollout ->
-the exact-match reward -> multi-context GRPO (advantages, rows, loss, log-probs, update) -> one GRPO step ->
+the reward -> multi-context GRPO (advantages, rows, loss, log-probs, update) -> one GRPO step ->
 the training loop (evaluation, checkpoints) -> main. After main, an appendix of plumbing: loading the data,
 printing, the command line.
 
@@ -29,8 +30,9 @@ Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM):
     \\boxed{} answer; passages come back inside <information>, and the user message holds the question and
     the memory as <question>...</question> <memory>...</memory>. Nothing is pre-filled: the model writes
     every tag itself.
- 2. Reward: exact match (SQuAD normalisation) only; the official training reward is token F1 plus 0.1 for a
-    well-formed but wrong answer.
+ 2. Reward: exact match (SQuAD normalisation) by default, as this project's design asks. The official training
+    reward, token F1 with 0.1 for a well-formed answer that shares no token with the gold, is --reward f1.
+    Evaluation reports exact match either way, as the official evaluation does.
  3. Retrieval: in-memory BM25 over a FlashRAG corpus (retriever.py) instead of an E5 dense-retrieval server.
  4. Rollouts with Hugging Face `generate` on the training model (one GPU or the CPU) instead of vLLM on 8 GPUs,
     sampling from the full softmax at the temperature (official: top-p 0.99, top-k 10,000).
@@ -106,6 +108,8 @@ class Config:
     output_dir: str = flag("runs/small", "checkpoints and metrics.jsonl go here")
     seed: int = flag(0, "random seed", "between 0 and 2**32 - 1")
     # multi-context GRPO
+    reward: str = flag("em", "training reward: em (exact match of the answer, 1 or 0) or f1 (the official: token F1, "
+                       "0.1 for an answer with no token right; 0 without an answer either way)")
     group_size: int = flag(5, "G: rollouts per question", "at least 1")
     questions_per_step: int = flag(32, "questions per training step (trajectories = this x G)", "at least 1")
     steps: int = flag(100, "training steps", "at least 0")
@@ -388,13 +392,15 @@ def extend_conversation(conv, ids, trained):
 
 
 def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=None, workflow=None,
-            generate_fn=generate):
-    """Run every question to the end -> one trajectory (see new_trajectory) per question, in order.
+            generate_fn=generate, reward=None):
+    """Run every question to the end -> one trajectory (see new_trajectory) per question, in order, each scored
+    by the reward `reward` (REWARDS; default --reward).
 
     generate_fn has generate()'s signature: docs/measure.py and the tests pass scripted policies through it.
     """
     max_turns = max_turns or cfg.max_turns
     workflow = workflow or cfg.workflow
+    reward = reward or cfg.reward
     trajs = [new_trajectory(q) for q in questions]
     bar = tqdm(total=len(trajs), desc="rollout" if not greedy else "eval", leave=False, unit="traj",
                disable=len(trajs) == 1)
@@ -461,13 +467,21 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
     bar.close()
     for t in trajs:
         t["stop"] = t["stop"] or "max_turns"
-        t["reward"] = trajectory_reward(t)
+        t["reward"] = trajectory_reward(t, reward)
     return trajs
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Reward: exact match after SQuAD normalisation (lowercase, drop punctuation and the articles a/an/the,
-# collapse white space), maximised over the gold answers. 1.0 or 0.0, given on the trajectory's final answer.
+# Reward, given on the trajectory's final answer, both kinds after SQuAD normalisation (lowercase, drop
+# punctuation and the articles a/an/the, collapse white space) and maximised over the gold answers.
+#   em (default): exact match, 1.0 or 0.0. What every evaluation reports, whatever --reward is.
+#   f1: the official training reward (ReCall's re_call score): token F1 of the answer; an answer that shares no
+#       token with any gold answer still gets 0.1, so a well-formed trajectory always beats a malformed one.
+# A trajectory that never answered (malformed action or memory, truncated, out of turns, memory over its limit:
+# the official code's malformed outputs) gets 0 under both.
+
+REWARDS = ["em", "f1"]
+
 
 def normalize_answer(text):
     text = text.lower()
@@ -483,9 +497,31 @@ def exact_match(prediction, golden_answers):
                      for g in golden_answers))
 
 
-def trajectory_reward(t):
-    """A finished trajectory's reward: the exact match of its final answer; 0 if it never answered."""
-    return exact_match(t["answer"], t["question"]["golden_answers"]) if t["answer"] is not None else 0.0
+def token_f1(prediction, golden_answers):
+    """The best token F1 of `prediction` against the gold answers: normalised, then split on white space, tokens
+    counted with their multiplicity. As the official code: a yes/no/noanswer on either side scores only when both
+    sides are the same word (one shared 'no' is not partial credit)."""
+    best = 0.0
+    answer = normalize_answer(prediction)
+    for gold in map(normalize_answer, golden_answers):
+        if (answer in ("yes", "no", "noanswer") or gold in ("yes", "no", "noanswer")) and answer != gold:
+            continue
+        same = sum((Counter(answer.split()) & Counter(gold.split())).values())
+        if same:
+            precision, recall = same / len(answer.split()), same / len(gold.split())
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def trajectory_reward(t, reward="em"):
+    """A finished trajectory's reward of the kind `reward` (REWARDS): exact match of its final answer, or its token
+    F1 with 0.1 for a wrong answer; 0 if it never answered."""
+    if t["answer"] is None:
+        return 0.0
+    golden_answers = t["question"]["golden_answers"]
+    if reward == "em":
+        return exact_match(t["answer"], golden_answers)
+    return token_f1(t["answer"], golden_answers) or 0.1
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -681,7 +717,7 @@ def step_questions(train_qs, cfg, step):
 
 
 def grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg):
-    """One step of multi-context GRPO on the questions `batch`: G rollouts of each -> exact-match rewards ->
+    """One step of multi-context GRPO on the questions `batch`: G rollouts of each -> rewards (--reward) ->
     group advantages -> every conversation a training row with its trajectory's advantage -> the update.
     -> (trajs, stats)"""
     t0 = time.time()
@@ -695,7 +731,10 @@ def grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg):
     stats = train_on_rows(model, ref_model, optimizer, rows, cfg, tokenizer.pad_token_id)
     groups = torch.tensor(rewards).view(-1, cfg.group_size)                  # [Q, G]
     mixed = (groups.max(1).values != groups.min(1).values).float().mean().item()   # groups with any signal
-    return trajs, {"reward": sum(rewards) / len(rewards), "mixed_groups": mixed, **stats,
+    # With --reward f1 the reward mixes partial credit and the 0.1 for answering in format: the exact match of
+    # the same trajectories, beside it, is the number that the evaluations report.
+    em = {"em": sum(trajectory_reward(t, "em") for t in trajs) / len(trajs)} if cfg.reward != "em" else {}
+    return trajs, {"reward": sum(rewards) / len(rewards), **em, "mixed_groups": mixed, **stats,
                    "rollout_s": round(t_rollout, 2), "step_s": round(time.time() - t0, 2)}
 
 
@@ -749,7 +788,8 @@ def memory_keeping(trajs):
 
 
 def summarize(trajs):
-    """Metrics of a batch of finished trajectories."""
+    """Metrics of a batch of finished trajectories. Its "em" means are of their rewards: exact match for an
+    evaluation (evaluate rolls out with the em reward whatever --reward is)."""
     n = len(trajs)
     per_type, per_source = defaultdict(list), defaultdict(list)
     for t in trajs:
@@ -774,8 +814,10 @@ def summarize(trajs):
 
 
 def evaluate(model, tokenizer, search, questions, cfg):
+    """Greedy rollouts of the test questions, scored by exact match (whatever --reward is) -> (metrics, trajs)."""
     model.eval()
-    trajs = rollout(model, tokenizer, search, questions, cfg, greedy=True, max_turns=cfg.eval_max_turns)
+    trajs = rollout(model, tokenizer, search, questions, cfg, greedy=True, max_turns=cfg.eval_max_turns,
+                    reward="em")
     return summarize(trajs), trajs
 
 
@@ -829,6 +871,12 @@ def grpo_run(cfg, initial, out, start):
         before = run_eval(0) if 0 not in evaluated else None
         if eval_due(start) and start not in evaluated:
             run_eval(start)                                # a failure stopped the run before this evaluation
+        if start == 0 and cfg.steps > 0:                   # a resumed run uses its logged step-0 evaluation
+            step0 = before[0] if before else next(r["eval"] for r in read_metrics(out)
+                                                  if r.get("step") == 0 and "eval" in r)
+            warning = preflight(step0, cfg.reward)
+            if warning:
+                tqdm.write(warning)
         bar = tqdm(range(start, cfg.steps), desc="GRPO", unit="step", initial=start, total=cfg.steps)
         done, silent, rng = start, 0, rng_states()         # steps taken; steps in a row with no mixed group
         saved = start if cfg.resume else None              # the step of the checkpoint that holds the weights now
@@ -915,6 +963,35 @@ NO_SIGNAL = ("warning: 3 steps in a row in which every group's rewards were equa
              "advantage is 0, so GRPO learns nothing. Likely causes: the model never answers right (an untrained "
              "or too small model, a too-hard task, a retriever that finds nothing) or always does; --group-size "
              "too small to see both; --max-new-tokens or --max-turns too small for the format.")
+
+
+def preflight(m, reward):
+    """The step-0 evaluation `m` (summarize's metrics) -> a warning if GRPO's first steps can hardly have any
+    signal, else None.
+
+    GRPO learns only from groups whose rewards differ. The evaluation is greedy, the policy's likeliest play, with
+    more turns (--eval-max-turns) than training gets: when not one test trajectory answered, sampled ones rarely
+    will, and both rewards give 0 to a trajectory that never answers; when none answered right, the em reward is
+    0 everywhere too. (With --reward f1 an answered but wrong trajectory gets 0.1, so answering is enough.) Either
+    way, nearly every group would be all zeros and its steps spent for nothing.
+    """
+    n = sum(m["stops"].values())
+    answered, right = m["stops"].get("answered", 0), round(m["em"] * n)
+    if answered and (right or reward == "f1"):
+        return None
+    why = ("no test trajectory answered, and a trajectory that never answers gets reward 0" if not answered else
+           "none answered right, and with --reward em a wrong answer gets 0 as well")
+    tries = ["a cold start that teaches the format first: on the toy world, --model tiny with --warm-steps "
+             "(the --tiny preset imitates an expert for 2400 steps)",
+             *(["--reward f1, the official reward: 0.1 for any well-formed answer, so answering already pays"]
+               if reward == "em" else []),
+             "a larger model (the paper trains Qwen2.5-3B/7B-Instruct; models under 3B rarely learn from RL alone)",
+             "more --max-turns or --max-new-tokens, if the stops above are mostly truncations or max_turns"]
+    return "\n".join([f"warning: GRPO will very likely learn nothing here. Its step-0 evaluation (greedy): {answered} "
+                      f"of {n} test trajectories answered, {right} right (stops {m['stops']}).",
+                      f"GRPO learns only from groups whose rewards differ; {why}. To try:",
+                      *(f"  - {t}" for t in tries),
+                      "The run goes on (a later warning says so if whole steps have no signal)."])
 
 
 def format_trajectory(t):
@@ -1024,6 +1101,8 @@ def check_config(cfg):
             raise SystemExit(f"--{f.name.replace('_', '-')} must be {must_be} (got {value})")
     if cfg.workflow not in WORKFLOWS:
         raise SystemExit(f"--workflow must be one of {', '.join(WORKFLOWS)} (got {cfg.workflow!r})")
+    if cfg.reward not in REWARDS:
+        raise SystemExit(f"--reward must be one of {', '.join(REWARDS)} (got {cfg.reward!r})")
     if cfg.retriever_url:
         try:
             check_url(cfg.retriever_url)

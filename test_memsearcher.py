@@ -194,6 +194,79 @@ def test_exact_match(prediction, golds, em):
     assert ms.exact_match(prediction, golds) == em
 
 
+@pytest.mark.parametrize("prediction, golds, f1", [
+    ("Tarvel", ["Tarvel"], 1.0),
+    ("Tarvel City", ["Tarvel"], 2 / 3),                    # precision 1/2, recall 1
+    ("Orchard of Vell", ["The Vell Orchard"], 0.8),        # 2 of 3 tokens right, both gold tokens found
+    ("the Vell Orchard!", ["Vell Orchard"], 1.0),          # articles and punctuation do not count
+    ("Vell Vell", ["Vell"], 2 / 3),                        # a token counts as often as the gold has it
+    ("Osmaria north", ["Tarvel", "North Osmaria Bay"], 0.8),   # max over gold answers
+    ("Osmaria", ["Tarvel"], 0.0),
+    ("", ["Tarvel"], 0.0),
+    ("no", ["no way"], 0.0),                               # yes/no/noanswer: all or nothing, as the official code
+    ("Tarvel no", ["no"], 0.0),
+    ("Yes.", ["yes"], 1.0),
+])
+def test_token_f1_known_numbers(prediction, golds, f1):
+    assert ms.token_f1(prediction, golds) == pytest.approx(f1)
+
+
+def test_f1_reward_gives_a_wrong_answer_0_1_and_a_trajectory_without_one_0():
+    question = {"id": "0", "question": "Where was Ilvo Marsk born?", "golden_answers": ["Tarvel"]}
+
+    def ended(stop, answer=None):
+        return {**ms.new_trajectory(question), "stop": stop, "answer": answer}
+
+    for answer, em, f1 in [("Tarvel", 1.0, 1.0), ("Tarvel City", 0.0, 2 / 3), ("Osmaria", 0.0, 0.1), ("", 0.0, 0.1)]:
+        t = ended("answered", answer)
+        assert (ms.trajectory_reward(t), ms.trajectory_reward(t, "em")) == (em, em)     # em is the default
+        assert ms.trajectory_reward(t, "f1") == pytest.approx(f1)
+    for stop in set(ms.STOP_REASONS) - {"answered"}:       # never answered: malformed, truncated, out of turns...
+        assert ms.trajectory_reward(ended(stop), "f1") == ms.trajectory_reward(ended(stop), "em") == 0.0
+    with pytest.raises(SystemExit, match="--reward must be one of em, f1"):
+        ms.parse_args(["--tiny", "--reward", "F1"])
+
+
+REWARD_PLAYS = {"Where was Ilvo Marsk born?": ["<answer> Tarvel </answer>", "Tarvel"],          # right
+                "In which country is Tarvel?": ["<answer> Osmaria Bay </answer>", "Osmaria"],   # partly right
+                "Who founded Vell Orchard?": ["<answer> Ilvo Marsk </answer>", "Tarvel"],       # wrong
+                "Which river runs through Tarvel?": ["<think> hmm </think>", "Tarvel"]}         # malformed
+
+
+def reward_plays(tokenizer, group_size=1):
+    """Questions that the scripted policy answers right, partly, wrong, or never -> (questions, generate_fn)."""
+    questions = [{"id": str(i), "question": q, "golden_answers": [gold]}
+                 for i, (q, (_, gold)) in enumerate(REWARD_PLAYS.items())]
+    return questions, script(tokenizer, {q: [play] * group_size for q, (play, _) in REWARD_PLAYS.items()})
+
+
+def test_the_reward_flag_reaches_the_rollout_and_the_step_logs_em_beside_f1(tiny, searcher, monkeypatch):
+    cfg, model, tokenizer = tiny
+    for reward, expected in [("em", [1.0, 0.0, 0.0, 0.0]), ("f1", [1.0, 2 / 3, 0.1, 0.0])]:
+        questions, play = reward_plays(tokenizer)
+        trajs = ms.rollout(model, tokenizer, searcher, questions, tiny_config(cfg.output_dir, reward=reward),
+                           generate_fn=play)
+        assert [t["reward"] for t in trajs] == pytest.approx(expected)
+    # a GRPO step rolls out with --reward, and logs the exact match of the same trajectories beside an f1 reward
+    questions, play = reward_plays(tokenizer, group_size=2)
+    real_rollout = ms.rollout
+    monkeypatch.setattr(ms, "rollout", lambda *a, **kw: real_rollout(*a, **kw, generate_fn=play))
+    monkeypatch.setattr(ms, "train_on_rows", lambda *a: {})
+    step_cfg = tiny_config(cfg.output_dir, reward="f1", group_size=2)
+    trajs, stats = ms.grpo_step(model, None, None, tokenizer, searcher, questions, step_cfg)
+    assert [t["reward"] for t in trajs[::2]] == pytest.approx([1.0, 2 / 3, 0.1, 0.0])
+    assert (stats["reward"], stats["em"]) == pytest.approx(((1 + 2 / 3 + 0.1) / 4, 0.25))
+
+
+def test_evaluation_reports_exact_match_whatever_the_reward(tiny, searcher, monkeypatch):
+    cfg, model, tokenizer = tiny
+    questions, play = reward_plays(tokenizer)
+    real_rollout = ms.rollout
+    monkeypatch.setattr(ms, "rollout", lambda *a, **kw: real_rollout(*a, **kw, generate_fn=play))
+    metrics, trajs = ms.evaluate(model, tokenizer, searcher, questions, tiny_config(cfg.output_dir, reward="f1"))
+    assert [t["reward"] for t in trajs] == [1.0, 0.0, 0.0, 0.0] and metrics["em"] == 0.25
+
+
 # ------------------------------------------------------------------------------------------------ GRPO ---
 
 def test_group_advantages_known_numbers():
@@ -956,7 +1029,7 @@ def test_both_trained_table_averages_a_turn_over_the_runs_that_reached_it(capsys
     assert rows["max, any seed"] == ["-", "660"]
 
 
-def parity_reward(t):
+def parity_reward(t, reward="em"):
     """A stand-in reward for runs of an untrained model, whose exact match is always 0: 1 when the sampled ids of
     the trajectory add up to an even number. Groups get mixed rewards, so GRPO really updates the weights."""
     return float(sum(i for c in t["convs"] for i, m in zip(c["ids"], c["mask"]) if m) % 2 == 0)

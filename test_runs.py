@@ -68,8 +68,8 @@ def test_a_new_run_moves_an_earlier_run_aside(tmp_path):
 def test_resume_refuses_another_runs_settings_and_fewer_steps(tmp_path):
     out = tmp_path / "run"
     train(quick_config(out, steps=2, save_every=1))
-    with pytest.raises(SystemExit, match=r"--resume: .*--seed 0 -> 1; --lr 0.0003 -> 0.1"):
-        train(quick_config(out, steps=3, resume=True, seed=1, lr=0.1))
+    with pytest.raises(SystemExit, match=r"--resume: .*--seed 0 -> 1; --reward 'em' -> 'f1'; --lr 0.0003 -> 0.1"):
+        train(quick_config(out, steps=3, resume=True, seed=1, lr=0.1, reward="f1"))
     with pytest.raises(SystemExit, match="--steps 1: the run .* is already at step 2"):
         train(quick_config(out, steps=1, resume=True))
     assert (out / "latest").read_text().strip() == "checkpoint-000002" and (out / "checkpoint-000002").is_dir()
@@ -127,6 +127,54 @@ def test_no_learning_signal_is_reported(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.count("every group's rewards were equal") == 1
 
 
+PREFLIGHT = "GRPO will very likely learn nothing here"
+
+
+def print_metric_lines(monkeypatch):
+    """Print each metrics.jsonl line as it is written, so that the captured output shows what came before it."""
+    real_log = ms.log_metrics
+    monkeypatch.setattr(ms, "log_metrics", lambda out, record: print(f"metrics line: step {record['step']}"
+                                                                      f"{' eval' if 'eval' in record else ''}")
+                        or real_log(out, record))
+
+
+def test_a_run_that_cannot_learn_says_so_before_its_first_step(tmp_path, monkeypatch, capsys):
+    print_metric_lines(monkeypatch)
+    train(quick_config(tmp_path / "run"))               # a random tiny model never answers
+    out = capsys.readouterr().out
+    assert out.count(PREFLIGHT) == 1
+    assert out.index("metrics line: step 0 eval") < out.index(PREFLIGHT) < out.index("metrics line: step 1\n")
+    assert "0 of 2 test trajectories answered, 0 right" in out and "--reward f1" in out and "--warm-steps" in out
+
+
+def test_the_pre_flight_warning_depends_on_the_step_0_answers_and_the_reward(tmp_path, monkeypatch, capsys):
+    real_evaluate = ms.evaluate
+    warned = []
+    for i, (reward, em) in enumerate([("em", 0.0), ("f1", 0.0), ("em", 0.5)]):
+        def answered(*args, em=em):                     # one of the two test questions answered, `em` right
+            metrics, trajs = real_evaluate(*args)
+            return {**metrics, "em": em, "stops": {"answered": 1, "action_truncated": 1}}, trajs
+
+        monkeypatch.setattr(ms, "evaluate", answered)
+        train(quick_config(tmp_path / f"run{i}", reward=reward))
+        warned.append(PREFLIGHT in capsys.readouterr().out)
+    # answered, none right: em gives every trajectory 0, f1 gives the answered ones 0.1; some right: signal
+    assert warned == [True, False, False]
+
+
+def test_a_resumed_run_takes_the_pre_flight_verdict_from_its_logged_step_0_evaluation(tmp_path, monkeypatch,
+                                                                                      capsys):
+    out = tmp_path / "run"
+    train(quick_config(out, steps=0))                   # evaluates at step 0 and keeps checkpoint-000000
+    capsys.readouterr()
+    evaluations = []
+    real_evaluate = ms.evaluate
+    monkeypatch.setattr(ms, "evaluate", lambda *a: evaluations.append(1) or real_evaluate(*a))
+    train(quick_config(out, steps=1, resume=True))
+    assert PREFLIGHT in capsys.readouterr().out and len(evaluations) == 1      # only the final one, at step 1
+    assert logged_steps(out) == ([1], [0, 1])
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_gives_every_step_once(tmp_path):
     """A real run, killed with SIGKILL at random moments while it trains and resumed each time, ends with each
@@ -163,7 +211,7 @@ def test_kill_9_at_random_points_then_resume_gives_every_step_once(tmp_path):
 
 # ------------------------------------------------------------------------------- resumed runs train for real ---
 
-def mixed_reward(t):
+def mixed_reward(t, reward="em"):
     """A deterministic stand-in for exact match that a random model gets right half the time: 1 when the sum of
     the token ids it sampled is even. Groups get mixed rewards, so advantages are not 0 and weights move."""
     return float(sum(i for c in t["convs"] for i, m in zip(c["ids"], c["mask"]) if m) % 2 == 0)

@@ -263,7 +263,7 @@ def expert_trajectory(question, search, tokenizer, cfg, rng):
         else:
             restate = hop["fact"] if kept else ""
     t["stop"] = t["stop"] or "max_turns"
-    t["reward"] = ms.trajectory_reward(t)
+    t["reward"] = ms.trajectory_reward(t, cfg.reward)
     return t
 
 
@@ -286,7 +286,7 @@ def imitate(model, tokenizer, search, questions, cfg):
     rng = random.Random(cfg.seed)
     experts = expert_trajectories(questions, search, tokenizer, cfg)
     rows = [c for t in experts for c in t["convs"]]
-    flawed = sum(t["reward"] == 0 for t in experts) / len(experts)
+    flawed = sum(ms.trajectory_reward(t, "em") == 0 for t in experts) / len(experts)     # whatever --reward is
     print(f"imitation: {len(experts)} expert trajectories ({flawed:.0%} end without the right answer), "
           f"{len(rows)} conversations")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warm_lr, weight_decay=0.0)

@@ -395,7 +395,7 @@ def plot_curves(out):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     if train_steps:
         axes[0].plot(*zip(*train_steps))
-    axes[0].set(title="training reward (mean EM of sampled trajectories)", xlabel="GRPO step")
+    axes[0].set(title="training reward (mean over sampled trajectories)", xlabel="GRPO step")
     axes[1].plot(*zip(*evals), marker="o")
     axes[1].set(title="greedy test EM", xlabel="GRPO step", ylim=(0, 1))
     fig.tight_layout()
