@@ -17,13 +17,14 @@ the training loop (evaluation, checkpoints) -> main. After main, an appendix of 
 printing, the command line.
 
     python memsearcher.py           # --small when a CUDA GPU is present, --tiny otherwise
-    python memsearcher.py --small   # Qwen2.5-0.5B-Instruct from the hub, full finetuning on one GPU
+    python memsearcher.py --small   # Qwen2.5-0.5B-Instruct from the hub, cold-started, full finetuning on one GPU
     python memsearcher.py --tiny    # a tiny Qwen2 built offline, warm-started once, then GRPO on the CPU
     python memsearcher.py --help    # every setting
 
 Beside this file, and never needed to read it: retriever.py (FlashRAG files, BM25, a retrieval-server client),
 runs.py (the run folder: checkpoints, resume, one run at a time), data/ (the toy world, and warm_start.py: the
-tiny model's warm start, a teaching aid) and docs/ (the README's measurements).
+warm start on it that teaches a model the format before GRPO, a teaching aid) and docs/ (the README's
+measurements).
 
 Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM):
  1. Tags: <search>query</search> and <answer>...</answer> (as Search-R1) instead of a JSON <tool_call> and a
@@ -47,6 +48,8 @@ Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM):
  9. Scale: --small trains Qwen2.5-0.5B-Instruct on 32 questions x 5 rollouts per step on one GPU; the paper
     trains Qwen2.5-3B/7B-Instruct on 256 x 5 on 8 GPUs.
 10. The k3 KL estimate is not clamped (verl clamps it to [-10, 10]).
+11. On the toy world, --small first imitates a scripted expert (a cold start, data/warm_start.py) and GRPO
+    starts from that; the official runs start GRPO from the instruct model itself.
 """
 import argparse
 import contextlib
@@ -140,26 +143,37 @@ class Config:
     save_every: int = flag(50, "checkpoint every N steps (0: only at the end)", "at least 0")
     print_every: int = flag(10, "print one whole trajectory every N steps", "at least 0")
     resume: bool = flag(False, "continue from the latest checkpoint in --output-dir")
-    # the tiny model and its warm start (data/warm_start.py: a teaching aid, not part of the paper)
+    # warm starts on the toy world (data/warm_start.py: a teaching aid, not part of the paper): the tiny model is
+    # built, pretrained and taught the format by imitating a scripted expert; another model only imitates (a cold
+    # start); either is then GRPO's start and KL reference
     tiny_hidden: int = flag(64, "tiny model: hidden size", "at least 1")
     tiny_layers: int = flag(2, "tiny model: transformer layers", "at least 1")
     tiny_vocab: int = flag(4096, "tiny model: BPE vocabulary size (at most)", "at least 1")
-    pretrain_steps: int = flag(0, "next-token pretraining steps on the corpus and questions", "at least 0")
-    warm_steps: int = flag(0, "steps imitating a scripted expert (needs the toy world's hop chains)", "at least 0")
+    pretrain_steps: int = flag(0, "tiny model: next-token pretraining steps on the corpus and questions",
+                               "at least 0")
+    warm_steps: int = flag(300, "steps imitating a scripted expert before GRPO, with any model (the tiny one's "
+                           "warm start, another's cold start); needs the toy world's hop chains: on other data, "
+                           "pass --warm-steps 0", "at least 0")
     warm_batch: int = flag(8, "conversations per imitation step", "at least 1")
-    warm_lr: float = flag(3e-3, "learning rate of pretraining (constant) and imitation (peak; cosine decay)",
+    warm_lr: float = flag(3e-3, "tiny model: learning rate of pretraining (constant) and imitation (peak; cosine "
+                          "decay)", "at least 0")
+    # Its own flag rather than a default of --warm-lr that changes with --model: the two rates differ 300x (3e-3
+    # trains a 0.3M-parameter model from random weights; a pretrained LLM is finetuned at about 1e-5, and much
+    # more washes out what it knows), so each path reads its own flag and check_config refuses the other's.
+    cold_lr: float = flag(1e-5, "another model's imitation (its cold start): peak learning rate, cosine decay",
                           "at least 0")
     expert_forget: float = flag(0.6, "MemSearcher's expert: chance to leave a new fact out of its memory once it "
                                 "holds one", "between 0 and 1")
     expert_lose_track: float = flag(0.65, "ReAct's expert: chance to leave a new fact out of its next thought "
                                     "once it holds one", "between 0 and 1")
     expert_early: float = flag(0.25, "expert: chance to answer without the final fact", "between 0 and 1")
-    warm_start_dir: str = flag("runs/warm-start", "the warm-started tiny model is built once per setting, kept here")
+    warm_start_dir: str = flag("runs/warm-start", "a warm (or cold) start is built once per setting, kept here")
     rebuild_warm_start: bool = flag(False, "build the warm start again even if one is kept")
 
 
 PRESETS = {
-    # Qwen2.5-0.5B-Instruct, full finetuning on one GPU: the defaults above.
+    # Qwen2.5-0.5B-Instruct, full finetuning on one GPU: the defaults above, with its cold start on the toy world
+    # (300 imitation steps of 8 conversations: the README's `--small` says why).
     "small": dict(),
     # a 0.3M-parameter Qwen2 built from data/, warm-started once, then GRPO on 2 CPU cores (see the README)
     "tiny": dict(model="tiny", output_dir="runs/tiny", top_k=2, max_new_tokens=64, max_memory_tokens=96,
@@ -824,8 +838,8 @@ def evaluate(model, tokenizer, search, questions, cfg):
 def train_and_evaluate(cfg, initial):
     """The whole run: GRPO from the policy `initial` (also the KL reference), with an evaluation before, every
     --eval-every steps and after, a checkpoint every --save-every steps and at the end. `initial` is a folder or
-    a hub id, or a function that builds one (the tiny model's warm start: minutes), called once every check of
-    the run folder and the data has passed."""
+    a hub id, or a function that builds one (the tiny model's warm start, another's cold start: minutes),
+    called once every check of the run folder and the data has passed."""
     out, start, lock = open_run(cfg)                       # every check of the run folder, before any work
     with lock:                                             # one run in the folder until this one ends or fails
         return grpo_run(cfg, initial, out, start)
@@ -928,9 +942,10 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         initial = cfg.model
-        if cfg.model == "tiny":
-            from data.warm_start import tiny_policy      # a teaching aid, outside the method: see its docstring
-            initial = lambda: tiny_policy(cfg)           # built after every check (train_and_evaluate)
+        if cfg.model == "tiny" or cfg.warm_steps:
+            from data.warm_start import training_questions, warm_started   # a teaching aid: see its docstring
+            training_questions(cfg)                      # refuses data its expert cannot play, before any work
+            initial = lambda: warm_started(cfg)          # built after every check (train_and_evaluate)
         return train_and_evaluate(cfg, initial)
     except (DataError, RetrievalError) as err:          # the user can fix these: the message says how
         if os.environ.get("MEMSEARCHER_TRACEBACK"):
@@ -1084,10 +1099,11 @@ def parse_args(argv=None):
               f"{'a CUDA GPU is present' if preset == 'small' else 'no CUDA GPU was found'}.")
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
     defaults = dict(PRESETS[preset])
-    if given.get("model", defaults.get("model")) != "tiny":
-        # the tiny preset's pretraining and imitation are for the model it builds, not for --model PATH
-        for key in ["pretrain_steps", "warm_steps"]:
-            defaults.pop(key, None)
+    own_model = defaults.get("model", Config.model)
+    if given.get("model", own_model) != own_model:
+        # a preset's warm-up is for the model it names (the tiny model it builds, --small's Qwen2.5-0.5B-Instruct),
+        # not for --model PATH: a checkpoint of it, or another model, asks for its own with --warm-steps
+        defaults.update(pretrain_steps=0, warm_steps=0)
     cfg = Config(**{**defaults, **given})
     check_config(cfg)
     return cfg
@@ -1121,12 +1137,18 @@ def check_config(cfg):
     if cfg.model != "tiny" and looks_local and not model.exists():      # a hub id (Qwen/...) is looked up later
         raise SystemExit(f"--model {cfg.model}: no such folder (give a model folder, a hub id such as "
                          "Qwen/Qwen2.5-0.5B-Instruct, or tiny)")
-    if cfg.model != "tiny" and (cfg.pretrain_steps or cfg.warm_steps):
-        raise SystemExit("--pretrain-steps and --warm-steps warm-start the tiny model (--model tiny); another "
-                         "model starts from what it already knows: set them to 0")
+    if cfg.model != "tiny" and cfg.pretrain_steps:
+        raise SystemExit(f"--pretrain-steps pretrains the tiny model (--model tiny) from random weights; --model "
+                         f"{cfg.model} arrives pretrained: use --pretrain-steps 0 (--warm-steps alone gives it a "
+                         "cold start: imitation of the scripted expert)")
+    unused = "cold_lr" if cfg.model == "tiny" else "warm_lr"             # each path reads its own (see cold_lr)
+    if getattr(cfg, unused) != getattr(Config, unused):
+        used = "--warm-lr" if unused == "cold_lr" else "--cold-lr"
+        raise SystemExit(f"--{unused.replace('_', '-')} is not used with --model {cfg.model}: its imitation's "
+                         f"learning rate is {used}")
     files = [("train_file", p) for p in cfg.train_file] + [("test_file", p) for p in cfg.test_file]
-    if not cfg.retriever_url or cfg.model == "tiny":       # the tiny model learns its tokenizer from the corpus
-        files.append(("corpus", cfg.corpus))
+    if not cfg.retriever_url or cfg.model == "tiny" or cfg.warm_steps:
+        files.append(("corpus", cfg.corpus))    # the tiny tokenizer and the expert's searches read it
     for name, path in files:
         if Path(path).is_dir():
             raise SystemExit(f"--{name.replace('_', '-')}: {path} is a directory; give the JSONL file in it")

@@ -24,7 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import data.make_world as make_world
 import data.warm_start as warm
@@ -1123,13 +1124,34 @@ def test_a_run_stopped_and_resumed_is_the_uninterrupted_run(tmp_path, learned):
     assert torch.equal(weights(tmp_path / "a" / "checkpoint-000003"), weights(tmp_path / "b" / "checkpoint-000003"))
 
 
-def test_tiny_preset_warm_start_only_for_the_model_it_builds(tmp_path):
+def test_a_presets_warm_start_only_for_the_model_it_names(tmp_path):
     built = ms.parse_args(["--tiny"])
     assert (built.model, built.pretrain_steps, built.warm_steps) == ("tiny", 300, 2400)
     loaded = ms.parse_args(["--tiny", "--model", str(tmp_path)])           # a checkpoint folder
     assert (loaded.pretrain_steps, loaded.warm_steps, loaded.group_size) == (0, 0, 8)
-    with pytest.raises(SystemExit, match="--warm-steps warm-start the tiny model"):
-        ms.parse_args(["--tiny", "--model", "some/path", "--warm-steps", "5"])
+    small = ms.parse_args(["--small"])                                     # Qwen2.5-0.5B-Instruct's cold start
+    assert (small.model, small.pretrain_steps, small.warm_steps, small.cold_lr) == (ms.Config.model, 0, 300, 1e-5)
+    assert ms.parse_args(["--small", "--model", str(tmp_path)]).warm_steps == 0
+    assert ms.parse_args(["--small", "--model", "tiny"]).warm_steps == 0
+    # another model asks for its own cold start, imitation only
+    cold = ms.parse_args(["--tiny", "--model", str(tmp_path), "--warm-steps", "5"])
+    assert (cold.pretrain_steps, cold.warm_steps, cold.cold_lr) == (0, 5, 1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--small", "--pretrain-steps", "5"], "--pretrain-steps pretrains the tiny model (--model tiny) from random "
+                                           "weights; --model Qwen/Qwen2.5-0.5B-Instruct arrives pretrained: use "
+                                           "--pretrain-steps 0"),
+    (["--tiny", "--model", "some/model", "--pretrain-steps", "5", "--warm-steps", "5"], "--pretrain-steps 0"),
+    (["--small", "--warm-lr", "1e-4"], "--warm-lr is not used with --model Qwen/Qwen2.5-0.5B-Instruct: its "
+                                       "imitation's learning rate is --cold-lr"),
+    (["--tiny", "--cold-lr", "1e-4"], "--cold-lr is not used with --model tiny: its imitation's learning rate is "
+                                      "--warm-lr"),
+])
+def test_pretraining_and_the_other_paths_learning_rate_are_refused_for_another_model(args, message):
+    with pytest.raises(SystemExit) as stop:
+        ms.parse_args(args)
+    assert message in str(stop.value.code)
 
 
 def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys, monkeypatch):
@@ -1159,6 +1181,86 @@ def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys, monke
     assert logs[0] == logs[1] and logs[0][1]["mixed_groups"] > 0 and logs[0][1]["grad_norm"] > 0
     assert torch.equal(weights(tmp_path / "a" / "checkpoint-000001"), weights(tmp_path / "b" / "checkpoint-000001"))
     assert not torch.equal(weights(built), weights(tmp_path / "a" / "checkpoint-000001"))
+
+
+@pytest.fixture(scope="session")
+def qwen_model(tmp_path_factory):
+    """A model folder that is not the tiny one: Qwen2.5's real tokenizer and chat template (built offline) and a
+    random Qwen2 of one layer of hidden size 64 over its 151,936-row vocabulary."""
+    from data.qwen_tokenizer import qwen25_tokenizer
+    path = Path(qwen25_tokenizer(tmp_path_factory.mktemp("qwen2-h64")))
+    torch.manual_seed(0)
+    warm.small_qwen2(151_936, 64, 1, bos_token_id=None, eos_token_id=151645,
+                     pad_token_id=151643).save_pretrained(path)
+    return path
+
+
+def cold_start_args(tmp_path, model, train_file):
+    """--small with another model, cold-started for a few imitation steps, then one GRPO step."""
+    return ["--small", "--model", str(model), "--warm-steps", "4", "--warm-batch", "2", "--cold-lr", "1e-2",
+            "--train-file", str(train_file), "--top-k", "1", "--max-turns", "2", "--eval-max-turns", "2",
+            "--max-new-tokens", "8", "--steps", "1", "--group-size", "2", "--questions-per-step", "2", "--eval-n", "2",
+            "--eval-every", "0", "--print-every", "0", "--output-dir", str(tmp_path / "run"),
+            "--warm-start-dir", str(tmp_path / "warm")]
+
+
+def expert_nll(path, convs, cfg):
+    """Mean negative log-likelihood of the expert's tokens (the loss mask) under the model in `path`."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids, attention, mask, _ = ms.collate(convs, model.config.pad_token_id, model.device)
+    with torch.no_grad():
+        logp = ms.token_logprobs(model, ids, attention, mask, cfg.logprob_chunk)
+    return (-(logp * mask).sum() / mask.sum()).item()
+
+
+def test_another_model_is_cold_started_once_then_grpo_starts_from_it(tmp_path, qwen_model, capsys, monkeypatch):
+    """A model that is not the tiny one imitates the expert (its conversations in Qwen's chat template): the kept
+    folder imitates better than the model did, a later run reuses it, and its GRPO starts from it and keeps it as
+    the KL reference."""
+    few = tmp_path / "train.jsonl"                        # the expert plays every training question
+    few.write_text("".join(open(ROOT / "data" / "train.jsonl").readlines()[:10]))
+    args = cold_start_args(tmp_path, qwen_model, few)
+    cfg = ms.parse_args(args)
+    folder = warm.warm_started(cfg)
+    assert Path(folder).name.startswith(f"{qwen_model.name}-memsearcher-seed0-")
+    assert "imitates the scripted expert for 4 steps" in capsys.readouterr().out
+    record = json.loads((Path(folder) / "warm_start.json").read_text())
+    assert "pretrain" not in record and record["settings"]["cold_lr"] == 1e-2
+    tokenizer = AutoTokenizer.from_pretrained(qwen_model)
+    expert = warm.expert_trajectories(ms.load_questions(few)[:2], local_searcher(cfg.corpus, show_progress=False),
+                                      tokenizer, cfg)
+    convs = [c for t in expert for c in t["convs"]]
+    assert tokenizer.decode(convs[0]["ids"]).startswith(f"<|im_start|>system\n{ms.SYSTEM_PROMPT}<|im_end|>")
+    assert expert_nll(folder, convs, cfg) < expert_nll(qwen_model, convs, cfg) - 0.1
+    # the command line: the kept cold start is reused, GRPO starts from it and keeps it as the KL reference
+    loaded, real_load = [], ms.load_policy
+    monkeypatch.setattr(ms, "load_policy", lambda path, device: loaded.append(path) or real_load(path, device))
+    monkeypatch.setattr(ms, "trajectory_reward", parity_reward)    # mixed groups: the step moves the weights
+    ms.main(args)
+    assert "warm start: reusing" in capsys.readouterr().out
+    assert loaded == [folder] * 3                         # the damage check, the policy, the reference
+    step, = [rec for rec in runs.read_metrics(tmp_path / "run") if "reward" in rec]
+    assert step["mixed_groups"] > 0 and step["grad_norm"] > 0 and cfg.kl_coef > 0
+    start, end = (load_file(Path(f) / "model.safetensors") for f in [folder, tmp_path / "run" / "checkpoint-000001"])
+    assert start.keys() == end.keys() and not all(torch.equal(start[k], end[k]) for k in start)
+
+
+def test_cold_start_on_data_without_hop_chains_is_refused_before_any_work(tmp_path, monkeypatch):
+    """--small imitates the toy world's expert by default: other data is refused at once, saying what to pass,
+    before the run folder is taken or the index built (a real corpus can take minutes to index)."""
+    path = tmp_path / "nq.jsonl"
+    path.write_text('{"id": "nq-1", "question": "who wrote hamlet?", "golden_answers": ["Shakespeare"]}\n')
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the data was checked")
+
+    monkeypatch.setattr(ms, "local_searcher", work)
+    monkeypatch.setattr(ms, "open_run", work)
+    with pytest.raises(SystemExit) as stop:
+        ms.main(["--small", "--train-file", str(path), "--output-dir", str(tmp_path / "run"),
+                 "--warm-start-dir", str(tmp_path / "warm")])
+    assert "1 lack it, e.g. nq-1. On other data, pass --warm-steps 0" in str(stop.value.code)
+    assert not (tmp_path / "warm").exists()
 
 
 @pytest.mark.parametrize("args, message", [

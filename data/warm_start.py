@@ -1,7 +1,9 @@
-"""The tiny model's warm start: a teaching aid for `python memsearcher.py --tiny`, not part of the paper.
+"""Warm starts on the toy world: a teaching aid for `python memsearcher.py --tiny` and --small, not part of the paper.
 
-A randomly initialised model never writes a well-formed search, so every reward is 0 and GRPO has nothing to
-reinforce. Qwen2.5-Instruct arrives knowing the format and able to copy a name; the tiny model gets that here:
+A model that never writes a well-formed search gets every reward 0, and GRPO has nothing to reinforce. A
+randomly initialised model never does; a small instruct model has never seen these tags and rarely does. Both
+learn the format here, by imitating a scripted expert, and GRPO then teaches the memory keeping. The tiny
+model (tiny_policy) starts from nothing:
  1. build: a byte-level BPE tokenizer trained on data/ (Qwen's pre-tokenizer split, ChatML specials and chat
     template) and a randomly initialised Qwen2, saved so that it loads through the same Auto classes as Qwen;
  2. pretraining: next-token prediction on the world's text, so it learns to read and copy names;
@@ -17,11 +19,17 @@ reinforce. Qwen2.5-Instruct arrives knowing the format and able to copy a name; 
 The imitator then samples good and bad trajectories for the same question, which is what GRPO needs, while
 greedy decoding follows the expert's more likely choice: it forgets, as the expert does 60% of the time.
 
-The result is built once per setting and kept in --warm-start-dir (runs/warm-start): a later run with the same
-settings loads it and goes straight to GRPO; --rebuild-warm-start builds it again, and is what a damaged one asks
-for. Runs that need the same warm start at once build it once: a lock per folder makes the others wait. This
-file uses memsearcher.py (prompt, conversation format, log-probs); memsearcher.py's method never uses this file.
+Any other model (--model, --small) already reads and copies names: its cold start (cold_start) is step 3 alone,
+the expert's conversations rendered through the model's own chat template, at --cold-lr (a pretrained model's
+finetuning rate). The same story, for a real LLM: the format by imitation, the memory keeping by GRPO.
+
+Either is built once per setting and kept in --warm-start-dir (runs/warm-start): a later run with the same
+settings loads it and goes straight to GRPO, which starts from it and keeps it as the KL reference;
+--rebuild-warm-start builds it again, and is what a damaged one asks for. Runs that need the same warm start
+at once build it once: a lock per folder makes the others wait. This file uses memsearcher.py (prompt,
+conversation format, log-probs); memsearcher.py's method never uses this file.
 """
+import gc
 import hashlib
 import json
 import math
@@ -37,17 +45,57 @@ import memsearcher as ms
 from retriever import format_hits, load_corpus, local_searcher
 from runs import save_model, take_lock, tidy, write_atomic
 
-# Bump a workflow's number when this file changes what its warm start produces: kept ones are then built again.
+# Bump a workflow's number when this file changes what its warm start (tiny or cold) produces: kept ones are
+# then built again.
 WARM_START_VERSION = {"memsearcher": 3, "react": 4}
 # Everything else a warm start depends on: these settings and the data files.
 WARM_START_SETTINGS = ["seed", "tiny_hidden", "tiny_layers", "tiny_vocab", "pretrain_steps", "warm_steps",
                        "warm_batch", "warm_lr", "expert_forget", "expert_early", "max_turns", "top_k",
                        "micro_batch_tokens", "logprob_chunk", "grad_clip"]
+# A cold start's: the imitation's settings (the tiny model's are not used), and the model (model_identity).
+COLD_START_SETTINGS = ["seed", "warm_steps", "warm_batch", "cold_lr", "expert_forget", "expert_early", "max_turns",
+                       "top_k", "micro_batch_tokens", "logprob_chunk", "grad_clip"]
+
+
+def warm_started(cfg):
+    """The policy GRPO starts from, and keeps as its KL reference: the tiny model's warm start, another model's
+    cold start when --warm-steps asks for one, or --model itself."""
+    if cfg.model == "tiny":
+        return tiny_policy(cfg)
+    return cold_start(cfg) if cfg.warm_steps else cfg.model
 
 
 def tiny_policy(cfg):
     """--model tiny -> the folder of its warm-started model: built and kept the first time, then reused."""
     settings = {name: getattr(cfg, name) for name in WARM_START_SETTINGS}
+    return kept(cfg, "tiny", settings, build_tiny)
+
+
+def cold_start(cfg):
+    """--model PATH_OR_HUB_ID with --warm-steps -> the folder of the model after imitating the expert: built and
+    kept the first time, then reused."""
+    settings = {name: getattr(cfg, name) for name in COLD_START_SETTINGS}
+    settings["model"] = model_identity(cfg.model)
+    path = Path(cfg.model).expanduser()
+    name = path.resolve().name if path.is_dir() else cfg.model.split("/")[-1]   # Qwen/Qwen2.5-0.5B-Instruct
+    return kept(cfg, name, settings, build_cold)
+
+
+def model_identity(model):
+    """--model as a cold start's settings name it: a hub id by its name; a local folder by its path and its
+    files' names, sizes and modification times, so that a model saved again into the same folder gets a cold
+    start of its own (hashing the weights themselves would read gigabytes at every run)."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return model
+    return {"path": str(path.resolve()), "files": sorted(
+        [str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in path.rglob("*") if f.is_file())}
+
+
+def kept(cfg, name, settings, build):
+    """The warm start of these settings and data: its folder in --warm-start-dir (name-workflow-seed-hash), built
+    by build(cfg, questions, log) -> (model, tokenizer) the first time, then reused."""
+    questions = training_questions(cfg)                 # before hashing the data: a real corpus is gigabytes
     settings["data_sha1"] = hashlib.sha1(b"".join(Path(f).read_bytes() for f in [cfg.corpus, *cfg.train_file])
                                          ).hexdigest()
     settings["version"] = WARM_START_VERSION[cfg.workflow]
@@ -55,12 +103,7 @@ def tiny_policy(cfg):
         settings["expert_lose_track"] = cfg.expert_lose_track
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     settings["workflow"] = cfg.workflow                 # named in the folder: its expert plays this workflow
-    folder = Path(cfg.warm_start_dir) / f"tiny-{cfg.workflow}-seed{cfg.seed}-{digest}"
-    questions = [q for path in cfg.train_file for q in ms.load_questions(path)]
-    missing = [q["id"] for q in questions if "support" not in q]
-    if cfg.warm_steps and missing:
-        raise SystemExit(f"--warm-steps needs questions with a 'support' hop chain (as data/make_world.py "
-                         f"writes); {len(missing)} lack it, e.g. {missing[0]}. Use --warm-steps 0.")
+    folder = Path(cfg.warm_start_dir) / f"{name}-{cfg.workflow}-seed{cfg.seed}-{digest}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock, holder = take_lock(folder.parent / f".lock-{folder.name}")    # one build at a time, the others wait
     if lock is None:
@@ -68,7 +111,18 @@ def tiny_policy(cfg):
         lock, _ = take_lock(folder.parent / f".lock-{folder.name}", wait=True)
     with lock:
         tidy(folder.parent, prefix=folder.name)         # what a killed build of this folder left
-        return reuse_or_build(cfg, folder, settings, questions)
+        return reuse_or_build(cfg, folder, settings, questions, build)
+
+
+def training_questions(cfg):
+    """The training questions; with --warm-steps, refused unless each has the hop chain its expert walks."""
+    questions = [q for path in cfg.train_file for q in ms.load_questions(path)]
+    missing = [q["id"] for q in questions if "support" not in q]
+    if cfg.warm_steps and missing:
+        raise SystemExit(f"--warm-steps needs questions with a 'support' hop chain (as data/make_world.py "
+                         f"writes); {len(missing)} lack it, e.g. {missing[0]}. On other data, pass --warm-steps 0 "
+                         "(--small imitates the toy world's expert by default).")
+    return questions
 
 
 def damage(folder):
@@ -83,7 +137,7 @@ def damage(folder):
     return None
 
 
-def reuse_or_build(cfg, folder, settings, questions):
+def reuse_or_build(cfg, folder, settings, questions, build):
     record = folder / "warm_start.json"                 # written last: a folder without it is built again
     if record.exists() and not cfg.rebuild_warm_start:
         if why := damage(folder):
@@ -91,23 +145,49 @@ def reuse_or_build(cfg, folder, settings, questions):
         print(f"warm start: reusing {folder}, built by an earlier run with these settings "
               "(--rebuild-warm-start builds it again)")
         return str(folder)
+    t0 = time.time()
+    log = {"settings": settings}
+    model, tokenizer = build(cfg, questions, log)
+    save_model(model, tokenizer, folder)
+    del model                                           # GRPO loads the kept copy next: free this one's memory
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log["build_s"] = round(time.time() - t0, 1)
+    write_atomic(record, json.dumps(log, indent=1))
+    print(f"warm start: built in {log['build_s']:.0f} s, kept in {folder}")
+    return str(folder)
+
+
+def build_tiny(cfg, questions, log):
+    """The tiny model from nothing: tokenizer and random weights, pretraining, imitation -> (model, tokenizer)."""
     texts = tiny_tokenizer_texts(cfg)                   # reads the corpus: a bad line stops here, before any work
     print(f"warm start: building the tiny model ({cfg.pretrain_steps} pretraining and {cfg.warm_steps} imitation "
-          f"steps); it is kept in {folder} for later runs with these settings")
-    t0 = time.time()
+          f"steps); it is kept in {cfg.warm_start_dir} for later runs with these settings")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = ms.load_policy(build_tiny_model(cfg, texts, tmp), device)
-    log = {"settings": settings}
     if cfg.pretrain_steps:
         log["pretrain"] = pretrain(model, tokenizer, questions, cfg)
     if cfg.warm_steps:
-        log["imitation"] = imitate(model, tokenizer, local_searcher(cfg.corpus, show_progress=False), questions, cfg)
-    save_model(model, tokenizer, folder)
-    log["build_s"] = round(time.time() - t0, 1)
-    write_atomic(record, json.dumps(log, indent=1))
-    print(f"warm start: built in {log['build_s']:.0f} s")
-    return str(folder)
+        log["imitation"] = imitate(model, tokenizer, local_searcher(cfg.corpus, show_progress=False), questions, cfg,
+                                   cfg.warm_lr)
+    return model, tokenizer
+
+
+def build_cold(cfg, questions, log):
+    """A pretrained model's cold start: it imitates the expert, nothing more -> (model, tokenizer)."""
+    search = local_searcher(cfg.corpus, show_progress=False)   # reads the corpus: a bad line stops here
+    print(f"warm start: {cfg.model} imitates the scripted expert for {cfg.warm_steps} steps (a cold start, "
+          f"learning rate {cfg.cold_lr}); it is kept in {cfg.warm_start_dir} for later runs with these settings")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = ms.load_policy(cfg.model, device)
+    if device.type == "cuda":
+        model.gradient_checkpointing_enable()           # as in GRPO: a micro-batch's activations would not fit
+    log["imitation"] = imitate(model, tokenizer, search, questions, cfg, cfg.cold_lr)
+    if device.type == "cuda":
+        model.gradient_checkpointing_disable()
+    return model, tokenizer
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -281,15 +361,16 @@ def expert_trajectories(questions, search, tokenizer, cfg):
             for q in tqdm(questions, desc="expert", leave=False)]
 
 
-def imitate(model, tokenizer, search, questions, cfg):
-    """Imitation learning on expert trajectories: token-level cross-entropy on the loss-mask tokens."""
+def imitate(model, tokenizer, search, questions, cfg, lr):
+    """Imitation learning on expert trajectories: token-level cross-entropy on the loss-mask tokens, at the peak
+    learning rate `lr` (the tiny model's --warm-lr, another model's --cold-lr)."""
     rng = random.Random(cfg.seed)
     experts = expert_trajectories(questions, search, tokenizer, cfg)
     rows = [c for t in experts for c in t["convs"]]
     flawed = sum(ms.trajectory_reward(t, "em") == 0 for t in experts) / len(experts)     # whatever --reward is
     print(f"imitation: {len(experts)} expert trajectories ({flawed:.0%} end without the right answer), "
           f"{len(rows)} conversations")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warm_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, cfg.warm_steps)
     model.train()
     order, losses = [], []

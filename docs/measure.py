@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # memsearcher.py and data/ live one up
 import memsearcher as ms                                             # noqa: E402
-from data.warm_start import EXPERT_ANSWER, EXPERT_MEMORY, EXPERT_SEARCH, small_qwen2, tiny_policy  # noqa: E402
+from data.warm_start import EXPERT_ANSWER, EXPERT_MEMORY, EXPERT_SEARCH, small_qwen2, warm_started  # noqa: E402
 
 
 def qwen25_05b_shaped(layers=24):
@@ -135,7 +135,7 @@ def compare(cfg, turns):
     """Evaluate both workflows (the model and the scripted policy), measure rollout throughput, report."""
     train_qs, test_qs, search = ms.load_data(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = ms.load_policy(tiny_policy(cfg) if cfg.model == "tiny" else cfg.model, device)
+    model, tokenizer = ms.load_policy(warm_started(cfg), device)
     model.eval()
     results = {"model": cfg.model, "device": str(device), "questions": len(test_qs), "max_turns": turns,
                "policies": {"model (greedy)": compare_workflows(model, tokenizer, search, test_qs, cfg, turns)}}
@@ -216,7 +216,7 @@ def train_one(cfg):
     """One GRPO run, in its own process (so that its peak memory is its own) -> what the table shows."""
     import resource
     import runs
-    initial = tiny_policy(cfg) if cfg.model == "tiny" else cfg.model
+    initial = warm_started(cfg)
     t0 = time.time()
     ms.train_and_evaluate(cfg, initial)
     records = runs.read_metrics(Path(cfg.output_dir))
