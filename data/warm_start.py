@@ -127,9 +127,9 @@ def training_questions(cfg):
 
 def damage(folder):
     """What makes the kept warm start in `folder` unusable, or None."""
-    for name in ["config.json", "model.safetensors", "tokenizer.json"]:
-        if not (folder / name).is_file():
-            return f"no {name}"
+    for names in [["config.json"], ["model.safetensors", "model.safetensors.index.json"], ["tokenizer.json"]]:
+        if not any((folder / name).is_file() for name in names):      # a large model is saved in shards
+            return f"no {names[0]}"
     try:
         ms.load_policy(str(folder), torch.device("cpu"))
     except (Exception, SystemExit) as err:              # whatever a damaged file makes the loaders raise
