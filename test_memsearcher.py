@@ -1213,6 +1213,7 @@ def expert_nll(path, convs, cfg):
     return (-(logp * mask).sum() / mask.sum()).item()
 
 
+@pytest.mark.slow
 def test_another_model_is_cold_started_once_then_grpo_starts_from_it(tmp_path, qwen_model, capsys, monkeypatch):
     """A model that is not the tiny one imitates the expert (its conversations in Qwen's chat template): the kept
     folder imitates better than the model did, a later run reuses it, and its GRPO starts from it and keeps it as
