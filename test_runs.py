@@ -365,6 +365,7 @@ def test_steps_0_evaluates_once(tmp_path):
 def test_a_stop_saves_the_steps_done_and_the_resumed_run_is_the_same_run(tmp_path, monkeypatch, capsys, learning,
                                                                         reference_runs, signum):
     out = tmp_path / "run"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}   # SIG_IGN in a background job
 
     def log_then_stop(folder, record):
         runs.log_metrics(folder, record)
@@ -381,7 +382,7 @@ def test_a_stop_saves_the_steps_done_and_the_resumed_run_is_the_same_run(tmp_pat
     train(quick_config(out, steps=3, resume=True))
     assert logged_steps(out) == ([1, 2, 3], [0, 3])
     assert_same_run(out, reference_runs(3))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # the handlers are put back
+    assert {s: signal.getsignal(s) for s in handlers} == handlers                # the handlers are put back
 
 
 def test_a_retrieval_failure_in_an_evaluation_keeps_the_step_taken(tmp_path, monkeypatch, learning, reference_runs):
