@@ -617,6 +617,19 @@ def test_small_update_with_qwen_vocabulary_kl_and_two_updates(tiny, monkeypatch)
     assert after[0] > before[0] and after[1] < before[1]
 
 
+def test_a_steps_questions_depend_on_the_seed_and_the_step_alone():
+    """Both workflows of a comparison, and a resumed run, train on the same questions at every step: however much
+    of the global random stream an update consumed before (train_on_rows shuffles a number of rows that depends
+    on the workflow)."""
+    questions = [{"id": i} for i in range(500)]
+    cfg = ms.Config(questions_per_step=16, seed=3)
+    first = [ms.step_questions(questions, cfg, step) for step in range(3)]
+    random.shuffle(list(range(777)))                        # what an update of 777 rows would draw
+    assert [ms.step_questions(questions, cfg, step) for step in range(3)] == first
+    assert len({tuple(q["id"] for q in batch) for batch in first}) == 3 and all(len(b) == 16 for b in first)
+    assert ms.step_questions(questions, ms.Config(questions_per_step=16, seed=4), 0) != first[0]
+
+
 def test_grpo_step_groups_G_copies_and_gives_every_conversation_its_advantage(tiny, searcher, monkeypatch):
     cfg, model, tokenizer = tiny
     seen = {}

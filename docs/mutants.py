@@ -109,6 +109,8 @@ MUTANTS = [
     ("the model's shipped sampling defaults kept",
      [("model.generation_config = GenerationConfig(do_sample=False, eos_token_id=sorted(eos),",
        "model.generation_config.update(do_sample=False, eos_token_id=sorted(eos),")]),
+    ("a step's questions drawn from the shared random stream",
+     [('rng = random.Random(f"questions {cfg.seed} {step}")', "rng = random")]),
 ]
 
 
