@@ -35,7 +35,6 @@ import retriever as r
 import runs
 from retriever import local_searcher
 from test_retriever import search_r1_answer, serve
-from test_runs import quick_config
 
 ROOT = Path(__file__).parent
 
@@ -48,6 +47,14 @@ def tiny_config(tmp, **overrides):
 def train(cfg):
     """What `python memsearcher.py` does with a Config: the tiny model's warm start, then GRPO."""
     return ms.train_and_evaluate(cfg, warm.tiny_policy(cfg) if cfg.model == "tiny" else cfg.model)
+
+
+def quick_config(out, **overrides):
+    """A random tiny model, no warm start, 2-question steps: a whole run in a few seconds."""
+    settings = dict(pretrain_steps=0, warm_steps=0, steps=2, group_size=2, questions_per_step=2, eval_n=2,
+                    max_new_tokens=8, max_turns=2, eval_max_turns=2, eval_every=0, print_every=0,
+                    warm_start_dir=str(Path(out).parent / "warm"))
+    return tiny_config(out, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="session")
