@@ -337,8 +337,8 @@ class SampleFromSoftmax(LogitsProcessor):
     It draws each next token from the full softmax(scores / T), with no top-k or top-p cut (transformers'
     do_sample=True would add its default top_k=50), by inverse CDF: one uniform number per row. Then it leaves
     only that token's score finite, so the greedy argmax picks it. The full softmax at T is what GRPO needs:
-    token_logprobs computes the log-probs of exactly this distribution. torch.multinomial would be ~15x
-    slower on a CPU (see the README), enough to dominate --tiny's rollouts.
+    token_logprobs computes the log-probs of exactly this distribution. torch.multinomial is several times
+    slower on a CPU (the README has the measurement), enough to weigh on --tiny's rollouts.
     """
 
     def __init__(self, temperature):
