@@ -346,8 +346,8 @@ class SampleFromSoftmax(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)          # [B, V]
-                # float64: near 1, a float32 running sum ignores an addition below ~3e-8, so the many tokens of Qwen's
-        # 151,936 with a smaller probability would get an empty interval and never be drawn.
+        # float64: near 1, a float32 running sum ignores an addition below ~3e-8, so the many tokens of
+        # Qwen's 151,936 with a smaller probability would get an empty interval and never be drawn.
         cdf = probs.double().cumsum(dim=-1)                                         # [B, V]
         u = torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]   # [B, 1] in [0, total)
         token = torch.searchsorted(cdf, u, right=True)                              # [B, 1] first cdf > u
