@@ -853,7 +853,8 @@ def grpo_run(cfg, initial, out, start):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_policy(str(latest_checkpoint(out)) if cfg.resume else initial, device)
+    checkpoint = latest_checkpoint(out) if cfg.resume else None
+    model, tokenizer = load_policy(str(checkpoint) if checkpoint else initial, device)
     ref_model = None
     if cfg.kl_coef > 0:
         ref_model, _ = load_policy(initial, device)        # the frozen policy GRPO started from
@@ -863,9 +864,9 @@ def grpo_run(cfg, initial, out, start):
     if device.type == "cuda":
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.resume:
-        restore_trainer_state(optimizer, latest_checkpoint(out))
-        print(f"resumed from {latest_checkpoint(out)} at step {start}")
+    if checkpoint:
+        restore_trainer_state(optimizer, checkpoint)
+        print(f"resumed from {checkpoint} at step {start}")
     begin_run(cfg, out, start)                             # only now is an earlier run moved aside
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}")
     evaluated = {r["step"] for r in read_metrics(out) if "eval" in r}   # a resumed run does not evaluate twice
