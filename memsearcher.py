@@ -28,9 +28,9 @@ measurements).
 
 Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM):
  1. Tags: <search>query</search> and <answer>...</answer> (as Search-R1) instead of a JSON <tool_call> and a
-    \\boxed{} answer; passages come back inside <information>, and the user message holds the question and
-    the memory as <question>...</question> <memory>...</memory>. Nothing is pre-filled: the model writes
-    every tag itself.
+    \\boxed{} answer; passages come back inside <information> (not <tool_response>), and the user message
+    holds the question and the memory as <question>...</question> <memory>...</memory>. Nothing is pre-filled:
+    the model writes every tag itself.
  2. Reward: exact match (SQuAD normalisation) by default, as this project's design asks. The official training
     reward, token F1 with 0.1 for a well-formed answer that shares no token with the gold, is --reward f1.
     Evaluation reports exact match either way, as the official evaluation does.
@@ -41,10 +41,10 @@ Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM):
  6. The memory phase reuses the action phase's context but not its KV cache: it is prefilled again.
  7. The default data is a small fictional world (data/make_world.py), so that the tiny run finishes in minutes
     on a CPU; the official runs train on NQ + HotpotQA and test on seven benchmarks.
- 8. Turn structure: here the passages are appended to the model's own assistant message, which it continues
-    with its memory (the system prompt says how), and generation stops at a closing tag. In the official code
-    each generation runs to the end-of-turn token; the passages come back in a user turn
-    (<tool_response>) that ends with an instruction to rewrite the memory, and a new assistant turn writes it.
+ 8. Turn structure, as in the official code: each generation runs until the model ends its turn; after a search
+    the passages come back in a user message that ends with the instruction to rewrite the memory, and a new
+    turn of the model's writes it. What differs: the official code also stops a generation at <|im_start|>
+    (a malformed output); here that token is an ordinary one, and the generation runs on to its end of turn.
  9. Scale: --small trains Qwen2.5-0.5B-Instruct on 32 questions x 5 rollouts per step on one GPU; the paper
     trains Qwen2.5-3B/7B-Instruct on 256 x 5 on 8 GPUs.
 10. The k3 KL estimate is not clamped (verl clamps it to [-10, 10]).
@@ -184,26 +184,30 @@ PRESETS = {
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Prompt template. Each turn the model sees the system prompt and one user message with the question and its
-# current memory. It writes <think>, then <search> or <answer>; after a search the passages are appended in
-# <information> and it writes the new <memory>. Rendered with the tokenizer's own chat template.
+# The conversation of one turn, in the model's own chat template: system prompt, a user message with the question
+# and the current memory, then the model's turn: it thinks, then searches or answers, and ends its turn (its
+# end-of-turn token). After a search, a user message brings the passages and asks for the memory, and the
+# model's next turn writes the new <memory>. ReAct's user message brings the passages alone, and its next turn
+# is its next action, in the same conversation.
 
 SYSTEM_PROMPT = (
     "Answer the question with a search engine. Think inside <think> </think>, then either answer inside "
-    "<answer> </answer> or search inside <search> </search>. Results appear inside <information> "
-    "</information>; then rewrite your memory inside <memory> </memory>, keeping only the facts that help "
-    "answer the question."
+    "<answer> </answer> or search inside <search> </search>, and end your turn. The results come back inside "
+    "<information> </information>; then rewrite your memory inside <memory> </memory>, keeping only the facts "
+    "that help answer the question."
 )
+# Closes the user message that brings the passages: the official code asks for the memory there, in the turn
+# the model answers, and not only in the system prompt.
+MEMORY_INSTRUCTION = ("Rewrite your memory: keep the facts from your previous memory that help answer the "
+                      "question, add the new ones from these results, and write it inside <memory> </memory>.")
 # The ReAct (Search-R1) baseline: the same tags without the memory. Its single conversation keeps every
 # action and every retrieved passage, so it needs no memory.
 REACT_SYSTEM_PROMPT = (
     "Answer the question with a search engine. Think inside <think> </think>, then either answer inside "
-    "<answer> </answer> or search inside <search> </search>. Results appear inside <information> "
-    "</information>; then think again and continue."
+    "<answer> </answer> or search inside <search> </search>, and end your turn. The results come back inside "
+    "<information> </information>; then think again and continue."
 )
 WORKFLOWS = ["memsearcher", "react"]
-ACTION_STOPS = ["</search>", "</answer>"]    # generation of an action ends at the first of these
-MEMORY_STOPS = ["</memory>"]
 
 
 def user_message(question, memory):
@@ -214,7 +218,7 @@ def user_message(question, memory):
 
 
 def render_prompt(tokenizer, question, memory, workflow="memsearcher"):
-    """Token ids of a fresh turn: system prompt + user(question, memory) + the assistant's opening marker."""
+    """Token ids of a fresh turn: system prompt + user(question, memory) + the opening of the model's turn."""
     react = workflow == "react"
     messages = [{"role": "system", "content": REACT_SYSTEM_PROMPT if react else SYSTEM_PROMPT},
                 {"role": "user", "content": user_message(question, None if react else memory)}]
@@ -222,9 +226,22 @@ def render_prompt(tokenizer, question, memory, workflow="memsearcher"):
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def turn_markers(tokenizer):
+    """The chat template's markers around a user message that follows the model's turn -> (end_of_turn_id,
+    user_open, user_close). Qwen: <|im_end|>, then "\n<|im_start|>user\n" and "<|im_end|>\n<|im_start|>assistant\n"
+    as ids. Read off the template (a rendered probe conversation), so any chat model gets its own."""
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+             {"role": "assistant", "content": "\x01"}, {"role": "user", "content": "\x02"}]
+    text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    between, after = text.split("\x01")[1].split("\x02")
+    end_of_turn, *user_open = tokenizer(between, add_special_tokens=False).input_ids
+    return end_of_turn, user_open, tokenizer(after, add_special_tokens=False).input_ids
+
+
 def information_text(hits):
-    """What is appended after </search>: the retrieved passages, then the model writes its memory."""
-    return f"\n<information>\n{format_hits(hits)}\n</information>\n"
+    """The retrieved passages as the model reads them. The newline after the closing tag keeps the ids the same
+    as when the whole user message is tokenized at once (">\n" is one token of Qwen's)."""
+    return f"<information>\n{format_hits(hits)}\n</information>\n"
 
 
 # About the fewest tokens a passage can take in <information> ("Doc 10(Title: X) y" and a newline): check_config
@@ -249,9 +266,18 @@ def information_ids(tokenizer, hits, max_tokens):
     return ids[:max_tokens - len(end)] + end
 
 
+def after_search_ids(tokenizer, hits, workflow, max_information_tokens):
+    """Token ids the model reads after its search turn has ended: a user message with the passages (MemSearcher:
+    then the instruction to rewrite the memory), and the opening of the model's next turn."""
+    _, user_open, user_close = turn_markers(tokenizer)
+    instruction = MEMORY_INSTRUCTION if workflow == "memsearcher" else ""
+    return (user_open + information_ids(tokenizer, hits, max_information_tokens)
+            + tokenizer(instruction, add_special_tokens=False).input_ids + user_close)
+
+
 # Parsing what the model wrote. One rule for both phases: an optional <think>...</think>, then exactly one
 # block of an expected kind (<search>/<answer> in the action phase, <memory> in the memory phase). Text outside
-# the tags is ignored; any other tag before or inside the block makes the output malformed.
+# the tags is ignored; any other tag before, inside or after the block makes the output malformed.
 
 TAG = re.compile(r"</?(think|search|answer|memory|information)>")
 
@@ -261,11 +287,11 @@ def parse_block(text, kinds):
     closings = [(text.find(f"</{k}>"), k) for k in kinds if f"</{k}>" in text]
     if not closings:
         return "malformed", f"no {' or '.join(f'</{k}>' for k in kinds)}"
-    end, kind = min(closings)                    # generation stops here; anything after was never sampled
+    end, kind = min(closings)                    # the first closing tag ends the block
     start = text.rfind(f"<{kind}>", 0, end)
     if start < 0:
         return "malformed", f"</{kind}> without <{kind}>"
-    before, content = text[:start], text[start + len(kind) + 2:end]
+    before, content, after = text[:start], text[start + len(kind) + 2:end], text[end + len(kind) + 3:]
     think = re.search(r"<think>(.*?)</think>", before, flags=re.S)
     if think:
         if TAG.search(think.group(1)):
@@ -277,6 +303,8 @@ def parse_block(text, kinds):
         return "malformed", f"unexpected {TAG.search(before).group(0)} before <{kind}>"
     if TAG.search(content):
         return "malformed", f"tag inside <{kind}>"
+    if TAG.search(after):
+        return "malformed", f"unexpected {TAG.search(after).group(0)} after </{kind}>"
     content = content.strip()
     if not content and kind != "memory":         # an empty memory is allowed: nothing worth keeping
         return "malformed", f"empty <{kind}>"
@@ -300,8 +328,9 @@ def memory_update(text, tokenizer, max_memory_tokens):
 
 # -----------------------------------------------------------------------------------------------------------
 # Memory-updating rollout. All live trajectories advance together: per turn, ONE batched generate for the
-# action phase, ONE batched retrieval, ONE batched generate for the memory phase. Sampled ids are kept
-# exactly as sampled; only injected text (prompts, passages) is ever tokenized.
+# action phase, ONE batched retrieval, ONE batched generate for the memory phase. Each generation runs until
+# the model ends its turn. Sampled ids are kept exactly as sampled, the end-of-turn id included (the model
+# chose to stop there, and is trained on it); only injected text (prompts, passages, chat markers) is tokenized.
 
 STOP_REASONS = ["answered", "malformed_action", "malformed_memory", "action_truncated", "memory_truncated",
                 "memory_over_limit", "max_turns"]
@@ -312,23 +341,6 @@ def autocast(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def stop_index(pieces, eos_ids, ids, stops):
-    """Number of sampled tokens up to and including the first EOS or the token that completes a stop string.
-
-    pieces[i] is token i decoded alone. A stop string can end inside a token (e.g. ">\\n"): that token is
-    kept whole, as sampled; the text is cut at the stop string later. Returns (n, stopped).
-    """
-    text = ""
-    for i, (token, piece) in enumerate(zip(ids, pieces)):
-        if token in eos_ids:
-            return i + 1, True
-        tail = text[-16:] + piece
-        text += piece
-        if any(s in tail for s in stops):
-            return i + 1, True
-    return len(ids), False
 
 
 class SampleFromSoftmax(LogitsProcessor):
@@ -355,8 +367,9 @@ class SampleFromSoftmax(LogitsProcessor):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperature=1.0):
-    """One batched generate over many contexts (lists of ids). Returns per context: (sampled ids, text, stopped)."""
+def generate(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
+    """One batched generate over many contexts (lists of ids), each row until the model ends its turn (any of its
+    end ids) or max_new_tokens. Returns per context: (sampled ids, the end id included; text; ended)."""
     device = model.device
     pad = tokenizer.pad_token_id
     width = max(len(c) for c in contexts)
@@ -368,17 +381,13 @@ def generate(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperat
     with autocast(device):
         sampler = None if greedy else LogitsProcessorList([SampleFromSoftmax(temperature)])
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             do_sample=False, logits_processor=sampler, max_new_tokens=max_new_tokens,
-                             stop_strings=stops or None, tokenizer=tokenizer)
-    sampled = out[:, width:].tolist()
-    eos_ids = set(model.generation_config.eos_token_id)
+                             do_sample=False, logits_processor=sampler, max_new_tokens=max_new_tokens)
+    end_ids = set(model.generation_config.eos_token_id)
     results = []
-    for ids in sampled:
-        pieces = tokenizer.batch_decode([[t] for t in ids])
-        n, stopped = stop_index(pieces, eos_ids, ids, stops)
-        ids = ids[:n]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        results.append((ids, text, stopped))
+    for ids in out[:, width:].tolist():                     # a row that ended early is padded after its end id
+        end = next((i for i, token in enumerate(ids) if token in end_ids), None)
+        ids = ids if end is None else ids[:end + 1]
+        results.append((ids, tokenizer.decode(ids, skip_special_tokens=True), end is not None))
     return results
 
 
@@ -431,17 +440,17 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
                 extend_conversation(t["convs"][-1], prompt, False)
             t["turns"].append({"memory_before": t["memory"]})
 
-        # 1) action phase: think, then <search> or <answer>
-        outs = generate_fn(model, tokenizer, [t["convs"][-1]["ids"] for t in live], ACTION_STOPS,
-                           cfg.max_new_tokens, greedy, cfg.temperature)
+        # 1) action phase: think, then <search> or <answer>, and end the turn
+        outs = generate_fn(model, tokenizer, [t["convs"][-1]["ids"] for t in live], cfg.max_new_tokens, greedy,
+                           cfg.temperature)
         searching = []
-        for t, (ids, text, stopped) in zip(live, outs):
+        for t, (ids, text, ended) in zip(live, outs):
             extend_conversation(t["convs"][-1], ids, True)
             t["processed_tokens"] += len(t["convs"][-1]["ids"])      # what this generate call attended over
             t["context_tokens"].append(len(t["convs"][-1]["ids"]))
             t["turns"][-1]["action"] = text
             kind, content = parse_action(text)
-            if not stopped:
+            if not ended:
                 t["stop"] = "action_truncated"
             elif kind == "answer":
                 t["answer"], t["stop"] = content, "answered"
@@ -458,20 +467,21 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
             hits = search([t["turns"][-1]["query"] for t in searching], cfg.top_k)
             for t, h in zip(searching, hits):
                 t["turns"][-1]["hits"] = h
-                passages = information_ids(tokenizer, h, cfg.max_information_tokens)        # injected: mask 0
-                extend_conversation(t["convs"][-1], passages, False)
+                user_turn = after_search_ids(tokenizer, h, workflow, cfg.max_information_tokens)
+                extend_conversation(t["convs"][-1], user_turn, False)                # injected: mask 0
 
-            # 3) memory phase (MemSearcher) -- ReAct goes straight on to the next action in the same context
+            # 3) memory phase (MemSearcher): a new turn of the model's writes the memory. ReAct's next turn is
+            #    its next action, in the same conversation, at the next iteration.
             if workflow == "memsearcher":
-                outs = generate_fn(model, tokenizer, [t["convs"][-1]["ids"] for t in searching], MEMORY_STOPS,
+                outs = generate_fn(model, tokenizer, [t["convs"][-1]["ids"] for t in searching],
                                    cfg.max_new_tokens, greedy, cfg.temperature)
-                for t, (ids, text, stopped) in zip(searching, outs):
+                for t, (ids, text, ended) in zip(searching, outs):
                     extend_conversation(t["convs"][-1], ids, True)
                     t["processed_tokens"] += len(t["convs"][-1]["ids"])
                     t["context_tokens"][-1] = len(t["convs"][-1]["ids"])    # the turn's longer call
                     t["turns"][-1]["memory_output"] = text
                     memory, reason = memory_update(text, tokenizer, cfg.max_memory_tokens)
-                    if not stopped:
+                    if not ended:
                         t["stop"] = "memory_truncated"
                     elif reason:
                         t["stop"] = reason
@@ -769,10 +779,10 @@ def load_policy(path, device):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     # A generation ends on any end id the model ships (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>), the
-    # tokenizer's EOS or <|im_end|>.
+    # tokenizer's EOS or the chat template's end of turn (a base model's EOS is <|endoftext|> alone).
     shipped = model.generation_config.eos_token_id
     shipped = shipped if isinstance(shipped, list) else [shipped]
-    eos = {*shipped, tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    eos = {*shipped, tokenizer.eos_token_id, turn_markers(tokenizer)[0]}
     eos -= {None, tokenizer.unk_token_id}
     # Drop the shipped sampling defaults (Qwen: temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05):
     # rollouts must sample from the very distribution whose log-probs we train, softmax(logits / temperature),

@@ -138,9 +138,11 @@ def test_each_turn_starts_from_the_question_and_its_memory_alone(tiny, searcher)
     ("<answer>Tarvel</answer>", ("answer", "Tarvel")),                             # think is optional
     ("\n<think>\nx\n</think>\n\n<answer>\n  Osmaria \n</answer>", ("answer", "Osmaria")),
     ("Sure. <think> x </think> Let me look. <search> q </search>", ("search", "q")),    # free text ignored
-    ("<search> q </search>\n", ("search", "q")),                # the stop token may carry a newline
-    ("<search>a</search><answer>b</answer>", ("search", "a")),  # generation stops at the first action
-    ("<answer>b</answer><search>a</search>", ("answer", "b")),
+    ("<search> q </search>\n", ("search", "q")),                # text before the end of turn is ignored
+    ("<answer> b </answer> That is all.", ("answer", "b")),
+    ("<search>a</search><answer>b</answer>", ("malformed", "unexpected <answer> after </search>")),  # one action
+    ("<answer>b</answer><search>a</search>", ("malformed", "unexpected <search> after </answer>")),
+    ("<search> a </search><think> b </think>", ("malformed", "unexpected <think> after </search>")),
     ("<answer> a < b </answer>", ("answer", "a < b")),          # '<' that is not a tag is text
     ("<answer> Zoë Ångström </answer>", ("answer", "Zoë Ångström")),
     ("<think> no action </think>", ("malformed", "no </search> or </answer>")),
@@ -171,18 +173,12 @@ def test_parse_action(text, expected):
     ("Ilvo Marsk was born in Tarvel.", None, "malformed_memory"),          # no tags
     ("<memory> Ilvo Marsk was born", None, "malformed_memory"),           # unclosed (truncated)
     ("<memory> x <search> y </search> </memory>", None, "malformed_memory"),
+    ("<memory> x </memory><memory> y </memory>", None, "malformed_memory"),       # one memory, not two
     ("<memory> " + "fact " * 200 + "</memory>", None, "memory_over_limit"),  # huge memory
 ])
 def test_memory_update(tiny, text, memory, reason):
     _, _, tokenizer = tiny
     assert ms.memory_update(text, tokenizer, max_memory_tokens=96) == (memory, reason)
-
-
-def test_stop_index_keeps_the_token_that_ends_the_stop_string():
-    pieces = ["<search", ">", " q", " </", "search", ">\n", " junk"]
-    assert ms.stop_index(pieces, {99}, list(range(7)), ms.ACTION_STOPS) == (6, True)
-    assert ms.stop_index(["a", "b", "<eos>", "c"], {2}, [0, 1, 2, 3], ms.ACTION_STOPS) == (3, True)
-    assert ms.stop_index(["a", "b"], {9}, [0, 1], ms.ACTION_STOPS) == (2, False)
 
 
 # ---------------------------------------------------------------------------------------------- reward ---
@@ -496,11 +492,11 @@ def test_sampler_reaches_every_token_of_a_qwen_sized_vocabulary(monkeypatch):
 
 
 def sharpened(model):
-    """A copy of the random tiny model with logits 3x larger: far from uniform, so the temperature matters
-    (top token: p = 0.19 at T = 0.5, 0.01 at T = 1)."""
+    """A copy of the random tiny model with logits 4x larger: far from uniform, so the temperature matters
+    (top token: p = 0.32 at T = 0.5, 0.02 at T = 1)."""
     sharp = copy.deepcopy(model)
     with torch.no_grad():
-        sharp.model.norm.weight.mul_(3)
+        sharp.model.norm.weight.mul_(4)
     return sharp
 
 
@@ -510,7 +506,7 @@ def test_sampler_frequencies_match_token_logprobs_at_temperature(tiny):
     context = ms.render_prompt(tokenizer, "Where was Ilvo Marsk born?", "")
     torch.manual_seed(0)
     n = 3000
-    outs = ms.generate(model, tokenizer, [context] * n, [], max_new_tokens=1, greedy=False, temperature=0.5)
+    outs = ms.generate(model, tokenizer, [context] * n, max_new_tokens=1, greedy=False, temperature=0.5)
     counts = Counter(ids[0] for ids, _, _ in outs)
     top = [token for token, _ in counts.most_common(3)]
     ids = torch.tensor([context + [t] for t in top])
@@ -681,7 +677,7 @@ def script(tokenizer, plays):
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     calls = Counter()
 
-    def generate_fn(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperature=1.0):
+    def generate_fn(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
         outs = []
         for context in contexts:
             question = re.findall(r"<question> (.*?) </question>", tokenizer.decode(context))[-1]
@@ -701,16 +697,23 @@ PLAYS = {"Where was Ilvo Marsk born?": ["<think> a </think><search> Ilvo Marsk <
                                          "<answer> Osmaria </answer>"]}
 
 
+def user_turn(tokenizer, hits, instruction):
+    """The user message after a search and the opening of the model's next turn, ChatML written out by hand."""
+    text = (f"\n<|im_start|>user\n{ms.information_text(hits)}{ms.MEMORY_INSTRUCTION if instruction else ''}"
+            "<|im_end|>\n<|im_start|>assistant\n")
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def test_rollout_keeps_sampled_ids_and_masks_exactly(tiny, searcher):
-    """MemSearcher: per turn, a fresh conversation = prompt(question, memory) 0 | action 1 | passages 0 | memory 1.
-    ReAct: one conversation = prompt 0 | action 1 | passages 0 | action 1 | ... EOS is sampled, so trained."""
+    """MemSearcher: per turn, a fresh conversation = prompt(question, memory) 0 | action, end of turn 1 |
+    user(passages, instruction) 0 | memory, end of turn 1. ReAct: one conversation = prompt 0 | action 1 |
+    user(passages) 0 | action 1 | ... The end of turn is sampled, so trained."""
     cfg, model, tokenizer = tiny
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     questions = [{"id": str(i), "question": q, "golden_answers": [plays[-1].split()[1]]}
                  for i, (q, plays) in enumerate(PLAYS.items())]
     assert char_ids(tokenizer, PLAYS[questions[0]["question"]][1]) != \
         tokenizer(PLAYS[questions[0]["question"]][1], add_special_tokens=False).input_ids
-    info = lambda turn: tokenizer(ms.information_text(turn["hits"]), add_special_tokens=False).input_ids  # noqa: E731
     out = lambda text: char_ids(tokenizer, text) + [eos]                                                 # noqa: E731
     for workflow in ms.WORKFLOWS:
         plays_of = PLAYS if workflow == "memsearcher" else {q: plays[0::2] for q, plays in PLAYS.items()}
@@ -726,7 +729,7 @@ def test_rollout_keeps_sampled_ids_and_masks_exactly(tiny, searcher):
                     prompt = ms.render_prompt(tokenizer, q["question"], memory)     # the memory is carried over
                     parts = [(prompt, 0), (out(actions[i]), 1)]
                     if i < len(memories):
-                        parts += [(info(turn), 0), (out(memories[i]), 1)]
+                        parts += [(user_turn(tokenizer, turn["hits"], True), 0), (out(memories[i]), 1)]
                         memory = memories[i].split("<memory> ")[1].split(" </memory>")[0]
                     assert conv["ids"] == [x for ids, _ in parts for x in ids]
                     assert conv["mask"] == [m for ids, m in parts for _ in ids]
@@ -734,7 +737,8 @@ def test_rollout_keeps_sampled_ids_and_masks_exactly(tiny, searcher):
                 prompt = ms.render_prompt(tokenizer, q["question"], None, "react")
                 parts = [(prompt, 0)]
                 for i, turn in enumerate(t["turns"]):
-                    parts += [(out(plays[i]), 1)] + ([(info(turn), 0)] if "hits" in turn else [])
+                    parts += [(out(plays[i]), 1)] + ([(user_turn(tokenizer, turn["hits"], False), 0)]
+                                                     if "hits" in turn else [])
                 assert [c["ids"] for c in t["convs"]] == [[x for ids, _ in parts for x in ids]]
                 assert [c["mask"] for c in t["convs"]] == [[m for ids, m in parts for _ in ids]]
 
@@ -745,7 +749,7 @@ def test_batched_generate_returns_the_sampled_ids_of_each_context_alone(tiny):
     _, model, tokenizer = tiny
     contexts = [ms.render_prompt(tokenizer, q, m) for q, m in [("Where was Ilvo Marsk born?", ""),
                                                                 ("Q?", "a much longer memory than the other one")]]
-    batched = ms.generate(model, tokenizer, contexts, [], 12, greedy=True)
+    batched = ms.generate(model, tokenizer, contexts, 12, greedy=True)
     for context, (ids, text, _) in zip(contexts, batched):
         raw = model.generate(torch.tensor([context]), do_sample=False, max_new_tokens=12)[0, len(context):].tolist()
         assert ids == raw and text == tokenizer.decode(raw, skip_special_tokens=True)
@@ -759,7 +763,7 @@ def test_generate_keeps_the_eos_it_stopped_on(tiny):
     saved = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = [first]
     try:
-        (ids, _, stopped), = ms.generate(model, tokenizer, [context], [], 12, greedy=True)
+        (ids, _, stopped), = ms.generate(model, tokenizer, [context], 12, greedy=True)
     finally:
         model.generation_config.eos_token_id = saved
     assert (ids, stopped) == ([first], True)
@@ -781,34 +785,50 @@ def test_load_policy_drops_shipped_sampling_defaults_and_keeps_every_end_id(tiny
         (plain.top_k, plain.top_p, plain.temperature, plain.repetition_penalty)
 
 
-def test_generate_stops_at_a_stop_string_through_hugging_face(tiny):
-    """A stop string is honoured by Hugging Face's stopping criteria (generation ends on the token that completes
-    it) and by stop_index (the ids end there too), while the other rows of a batch go on. The same seed gives the
-    same samples, so a piece of text the model writes anyway serves as the stop string."""
+def test_load_policy_ends_a_generation_at_the_chat_templates_end_of_turn(tiny, tmp_path):
+    """A base model ships <|endoftext|> as its only end id, while its chat template closes a turn with <|im_end|>:
+    the turn must end there."""
+    _, model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    base = copy.deepcopy(tokenizer)
+    base.eos_token = "<|endoftext|>"
+    base.save_pretrained(tmp_path)
+    endoftext, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    GenerationConfig(eos_token_id=endoftext).save_pretrained(tmp_path)
+    loaded = ms.load_policy(str(tmp_path), torch.device("cpu"))[0].generation_config
+    assert loaded.eos_token_id == sorted([endoftext, im_end])
+
+
+def test_generate_ends_each_row_at_its_end_of_turn_through_hugging_face(tiny):
+    """A row ends at its first end id (kept) while the other rows of the batch go on, and Hugging Face itself
+    stops generating once every row has ended, not at max_new_tokens. The same seed gives the same samples, so
+    an id the model samples anyway serves as an extra end id."""
     _, model, tokenizer = tiny
     contexts = [ms.render_prompt(tokenizer, q, "") for q in ["Where was Ilvo Marsk born?", "Who wrote Raith?"]]
     real, generated = model.generate, []                    # how many tokens Hugging Face generated
     model.generate = lambda **kw: (lambda out: generated.append(out.shape[1] - kw["input_ids"].shape[1]) or out)(
         real(**kw))
+    end_ids = model.generation_config.eos_token_id
 
-    def sample(contexts, stops):
+    def sample(contexts, extra_end=None):
         torch.manual_seed(0)
-        return ms.generate(model, tokenizer, contexts, stops, 24, greedy=False)
+        model.generation_config.eos_token_id = end_ids + ([extra_end] if extra_end is not None else [])
+        return [(ids, ended) for ids, _, ended in ms.generate(model, tokenizer, contexts, 24, greedy=False)]
+
+    def first_new(ids, other=()):                           # an id that appears first at position >= 3
+        return next(i for i in range(3, len(ids)) if ids[i] not in ids[:i] + list(other) + end_ids)
 
     try:
-        (ids, _, _), (other, _, _) = sample(contexts, [])
-        stop = tokenizer.decode(ids[6:8])
-        n = next(i + 1 for i in range(len(ids)) if stop in tokenizer.decode(ids[:i + 1]))
-        assert n < len(ids) and stop not in tokenizer.decode(other)
-        (got, _, stopped), (got_other, _, _) = sample(contexts, [stop])
-        assert (got, stopped) == (ids[:n], True) and got_other == other
-        (alone, _, _), = sample(contexts[:1], [])
-        stop = tokenizer.decode(alone[6:8])
-        n = next(i + 1 for i in range(len(alone)) if stop in tokenizer.decode(alone[:i + 1]))
+        (ids, _), (other, other_ended) = sample(contexts)
+        n = first_new(ids, other) + 1
+        assert sample(contexts, ids[n - 1]) == [(ids[:n], True), (other, other_ended)]
+        (alone, _), = sample(contexts[:1])
+        n = first_new(alone) + 1
         generated.clear()
-        assert n < len(alone) and sample(contexts[:1], [stop])[0][0] == alone[:n] and generated == [n]
+        assert sample(contexts[:1], alone[n - 1]) == [(alone[:n], True)] and generated == [n]
     finally:
         del model.generate
+        model.generation_config.eos_token_id = end_ids
 
 
 @pytest.mark.slow
@@ -846,8 +866,7 @@ def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
             assert all(r in pieces for r in trained)
             injected = [r for m, r in runs if not m]
             if "hits" in turn:
-                info = tokenizer(ms.information_text(turn["hits"]), add_special_tokens=False).input_ids
-                assert injected == [info]
+                assert injected == [user_turn(tokenizer, turn["hits"], True)]
             else:
                 assert injected == []
             memory = turn.get("memory", memory)
@@ -880,19 +899,20 @@ def scripted_rollout(tiny, searcher, workflow, searches, n=12, turns=8):
 
 def test_react_keeps_one_conversation_and_masks_the_passages(tiny, searcher):
     trajs, tokenizer = scripted_rollout(tiny, searcher, "react", searches=3)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for t in trajs:
         assert len(t["convs"]) == 1 and len(t["turns"]) == 4 and t["stop"] == "answered"
         conv = t["convs"][0]
         prompt = ms.render_prompt(tokenizer, t["question"]["question"], None, "react")
         expected_ids, expected_mask = list(prompt), [0] * len(prompt)
         for turn in t["turns"]:
-            action = tokenizer(turn["action"], add_special_tokens=False).input_ids
+            action = tokenizer(turn["action"], add_special_tokens=False).input_ids + [end_of_turn]
             expected_ids += action
             expected_mask += [1] * len(action)
             if "hits" in turn:
-                info = tokenizer(ms.information_text(turn["hits"]), add_special_tokens=False).input_ids
+                info = user_turn(tokenizer, turn["hits"], False)
                 expected_ids += info
-                expected_mask += [0] * len(info)                 # retrieved passages: never trained
+                expected_mask += [0] * len(info)                 # the user turn with the passages: never trained
             assert "memory_output" not in turn                   # ReAct writes no memory
         assert conv["ids"] == expected_ids and conv["mask"] == expected_mask
         assert t["context_tokens"] == sorted(set(t["context_tokens"]))       # grows every turn
@@ -915,18 +935,18 @@ def test_context_per_turn_is_what_each_generate_call_attended_over(tiny, searche
     for workflow in ms.WORKFLOWS:
         policy, calls = measure.scripted_policy(questions, searches=3), []
 
-        def recording(model, tokenizer, contexts, stops, *args):
-            outs = policy(model, tokenizer, contexts, stops, *args)
-            calls.extend((tokenizer.decode(c), stops, len(c) + len(ids)) for c, (ids, _, _) in zip(contexts, outs))
+        def recording(model, tokenizer, contexts, *args):
+            outs = policy(model, tokenizer, contexts, *args)
+            calls.extend((tokenizer.decode(c), len(c) + len(ids)) for c, (ids, _, _) in zip(contexts, outs))
             return outs
 
         trajs = ms.rollout(model, tokenizer, searcher, questions, tiny_config(cfg.output_dir), greedy=True,
                            max_turns=5, workflow=workflow, generate_fn=recording)
         for t in trajs:
             expected = []
-            for text, stops, length in calls:
+            for text, length in calls:
                 if f"<question> {t['question']['question']} </question>" in text:
-                    if stops == ms.ACTION_STOPS:
+                    if ms.MEMORY_INSTRUCTION not in text:
                         expected.append(length)              # an action starts a turn
                     else:
                         expected[-1] = max(expected[-1], length)
@@ -1010,12 +1030,32 @@ def test_react_expert_makes_the_same_mistakes_in_one_masked_conversation(tiny, s
             text = tokenizer.decode(ids[i:j])
             if mask[i]:
                 actions.append(ms.parse_action(text))
-                assert ids[i:j] == encode(text) and "<memory>" not in text
-            else:
-                assert text.startswith("\n<information>") and text.endswith("</information>\n")
+                assert ids[i:j] == encode(text) and "<memory>" not in text and text.endswith("<|im_end|>")
+            else:                                   # a user turn with the passages, then the next turn opens
+                assert text.startswith("\n<|im_start|>user\n<information>")
+                assert text.endswith("</information>\n<|im_end|>\n<|im_start|>assistant\n")
             i = j
         assert all(kind == "search" for kind, _ in actions[:-1]) and actions[-1][0] in ("search", "answer")
         assert (t["stop"] == "answered") == (actions[-1][0] == "answer")
+
+
+@pytest.mark.slow
+def test_the_small_path_is_rehearsed_on_the_cpu_with_qwens_tokenizer_and_shape(tmp_path):
+    """docs/measure.py small-rehearsal: `--small` with Qwen2.5's real tokenizer and vocabulary and a one-layer
+    model of Qwen2.5-0.5B's width, through cold start, pre-flight, a GRPO step (KL, two updates, chunked
+    log-probs), its checkpoint, --resume for a second step, and the final evaluation."""
+    result = run_cli("docs/measure.py", "small-rehearsal", "--out", str(tmp_path), "--layers", "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "rehearsal.json").read_text())
+    assert report["parameters_m"] > 150 and report["cold_start_s"] > 0      # the 151,936 x 896 embedding
+    assert report["preflight_warned"] and report["resumed"] and list(report["steps"]) == ["1", "2"]
+    assert report["checkpoints"] == ["checkpoint-000002"] and report["eval_final_s"] > 0
+    assert all(p["peak_rss_mb"] > 1000 for p in (report["first_process"], report["resumed_process"]))
+    cold = next((tmp_path / "warm-start").glob("*/warm_start.json"))           # the cold start was built and kept
+    assert json.loads(cold.read_text())["settings"]["warm_steps"] == 2
+    records = runs.read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if "eval" in r] == [0, 1, 2]          # each process ends with one
+    assert all(r["stops"] == {"action_truncated": 2} for r in records if "reward" in r)   # random weights
 
 
 @pytest.mark.slow
@@ -1124,7 +1164,7 @@ def test_a_run_stopped_and_resumed_is_the_uninterrupted_run(tmp_path, learned):
     cfg, _, _ = learned
     common = ["--tiny", "--model", str(runs.latest_checkpoint(cfg.output_dir)), "--train-file", cfg.train_file[0],
               "--test-file", cfg.test_file[0], "--corpus", cfg.corpus, "--group-size", "4", "--questions-per-step",
-              "4", "--eval-n", "8", "--max-turns", "4", "--eval-max-turns", "4", "--print-every", "0"]
+              "8", "--eval-n", "8", "--max-turns", "4", "--eval-max-turns", "4", "--print-every", "0"]
     for args in [["--output-dir", str(tmp_path / "a"), "--steps", "3"],
                  ["--output-dir", str(tmp_path / "b"), "--steps", "2"],
                  ["--output-dir", str(tmp_path / "b"), "--steps", "3", "--resume"]]:
@@ -1178,7 +1218,7 @@ def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys, monke
     """A later run with the same settings loads the kept warm start, and its GRPO run is the same run."""
     few = tmp_path / "train.jsonl"                        # 100 questions: the expert plays every one
     few.write_text("".join(open(ROOT / "data" / "train.jsonl").readlines()[:100]))
-    cfg = tiny_config(tmp_path / "a", train_file=[str(few)], pretrain_steps=3, warm_steps=4, steps=1, group_size=2,
+    cfg = tiny_config(tmp_path / "a", train_file=[str(few)], pretrain_steps=3, warm_steps=4, steps=1, group_size=4,
                       questions_per_step=2, eval_n=3, max_new_tokens=16, eval_every=0, print_every=0)
     cfg.warm_start_dir = str(tmp_path / "warm")
     built = warm.tiny_policy(cfg)
@@ -1219,7 +1259,7 @@ def cold_start_args(tmp_path, model, train_file):
     """--small with another model, cold-started for a few imitation steps, then one GRPO step."""
     return ["--small", "--model", str(model), "--warm-steps", "4", "--warm-batch", "2", "--cold-lr", "1e-2",
             "--train-file", str(train_file), "--top-k", "1", "--max-turns", "2", "--eval-max-turns", "2",
-            "--max-new-tokens", "8", "--steps", "1", "--group-size", "2", "--questions-per-step", "2", "--eval-n", "2",
+            "--max-new-tokens", "8", "--steps", "1", "--group-size", "4", "--questions-per-step", "2", "--eval-n", "2",
             "--eval-every", "0", "--print-every", "0", "--output-dir", str(tmp_path / "run"),
             "--warm-start-dir", str(tmp_path / "warm")]
 
@@ -1535,8 +1575,12 @@ def test_information_is_cut_to_its_token_budget_and_the_first_cut_reported(tiny,
     end = tokenizer("\n</information>\n", add_special_tokens=False).input_ids
     for conv in [c for t in trajs for c in t["convs"][:2]]:               # each of these turns searched
         runs_of_mask = [list(g) for _, g in itertools.groupby(zip(conv["ids"], conv["mask"]), key=lambda x: x[1])]
-        information = [i for i, _ in runs_of_mask[2]]                    # prompt, action, then the passages
-        assert len(information) == 50 and information[-len(end):] == end
+        user_turn = [i for i, _ in runs_of_mask[2]]                      # prompt, action, then the user turn
+        user_open = ms.turn_markers(tokenizer)[1]
+        information = user_turn[len(user_open):len(user_open) + 50]
+        assert user_turn[:len(user_open)] == user_open and information[-len(end):] == end
+        assert tokenizer.decode(information).startswith("<information>")
+        assert tokenizer.decode(user_turn[len(user_open) + 50:]).startswith(ms.MEMORY_INSTRUCTION)
     assert capsys.readouterr().err.count("cut to 50 (--max-information-tokens)") == 1
     hits = searcher(["Ilvo Marsk"], 2)[0]                                # under the budget: as it always was
     assert ms.information_ids(tokenizer, hits, 500) == \

