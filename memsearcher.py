@@ -316,7 +316,7 @@ def parse_action(text):
     return parse_block(text, ("search", "answer"))
 
 
-def memory_update(text, tokenizer, max_memory_tokens):
+def parse_memory(text, tokenizer, max_memory_tokens):
     """The new memory from a memory-phase output -> (memory, None) or (None, stop reason)."""
     kind, content = parse_block(text, ("memory",))
     if kind == "malformed":
@@ -480,7 +480,7 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
                     t["processed_tokens"] += len(t["convs"][-1]["ids"])
                     t["context_tokens"][-1] = len(t["convs"][-1]["ids"])    # the turn's longer call
                     t["turns"][-1]["memory_output"] = text
-                    memory, reason = memory_update(text, tokenizer, cfg.max_memory_tokens)
+                    memory, reason = parse_memory(text, tokenizer, cfg.max_memory_tokens)
                     if not ended:
                         t["stop"] = "memory_truncated"
                     elif reason:
@@ -627,9 +627,9 @@ def token_logprobs(model, ids, attention, mask, chunk, temperature=1.0):
     [chunk, V] logits instead of storing them (`python docs/measure.py logprob-memory` measures the peak).
     """
     hidden = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
-    predicts = mask[:, 1:].bool()                                           # [B, T-1] position t predicts t+1
-    h = hidden[:, :-1][predicts]                                            # [N, H]
-    targets = ids[:, 1:][predicts]                                          # [N]
+    predicts_trained = mask[:, 1:].bool()                                   # [B, T-1] token t+1 is trained
+    h = hidden[:, :-1][predicts_trained]                                    # [N, H]
+    targets = ids[:, 1:][predicts_trained]                                  # [N]
     head = model.get_output_embeddings()
 
     def chunk_logprobs(h_chunk, t_chunk):
@@ -646,7 +646,7 @@ def token_logprobs(model, ids, attention, mask, chunk, temperature=1.0):
         else:
             parts.append(chunk_logprobs(*args))
     logp = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)   # [B, T]
-    logp[:, 1:][predicts] = torch.cat(parts) if parts else logp.new_zeros(0)
+    logp[:, 1:][predicts_trained] = torch.cat(parts) if parts else logp.new_zeros(0)
     return logp
 
 
@@ -683,37 +683,40 @@ def needs_forward(row, cfg):
 
 
 def train_on_rows(model, ref_model, optimizer, rows, cfg, pad_id):
-    """One rollout batch -> `updates_per_step` optimizer steps (PPO mini-batches, one epoch). Returns stats."""
-    order = list(range(len(rows)))
-    random.shuffle(order)
-    minibatches = []                                        # (sampled tokens, [collated micro-batches])
-    for k in range(cfg.updates_per_step):
-        rows_k = [rows[i] for i in order[k::cfg.updates_per_step]]
-        micro = pack_micro_batches([r for r in rows_k if needs_forward(r, cfg)], cfg.micro_batch_tokens)
-        n_tokens = max(1, sum(sum(r["mask"]) for r in rows_k))
-        minibatches.append((n_tokens, [collate(b, pad_id, model.device) for b in micro]))
+    """One rollout batch -> `updates_per_step` optimizer steps (PPO mini-batches, one epoch). Returns stats.
 
+    In PPO's shape: first split the rows into mini-batches and compute, per micro-batch, the log-probs that stay
+    fixed during the update (rollout policy and reference); then one optimizer step per mini-batch."""
     def logprobs(policy, batch):
         ids, attention, mask, _ = batch
         with autocast(policy.device):
             return token_logprobs(policy, ids, attention, mask, cfg.logprob_chunk, cfg.temperature)   # [B, T]
 
+    order = list(range(len(rows)))
+    random.shuffle(order)
+    minibatches = []
+    for k in range(cfg.updates_per_step):
+        rows_k = [rows[i] for i in order[k::cfg.updates_per_step]]
+        packed = pack_micro_batches([r for r in rows_k if needs_forward(r, cfg)], cfg.micro_batch_tokens)
+        minibatches.append({"n_tokens": max(1, sum(sum(r["mask"]) for r in rows_k)),   # the token mean's divisor
+                            "micro": [{"batch": collate(b, pad_id, model.device)} for b in packed]})
     # Before the first update: the reference's log-probs, and, when there are several updates, the rollout
     # policy's ("old") ones, since later updates see a policy that has moved. With one update the policy has not
     # moved: old = current (detached), the ratio is exactly 1 and only its gradient matters.
     with torch.no_grad():
-        ref = [[logprobs(ref_model, b) if ref_model else None for b in micro] for _, micro in minibatches]
-        old = [[logprobs(model, b) if cfg.updates_per_step > 1 else None for b in micro] for _, micro in minibatches]
+        for micro in (m for minibatch in minibatches for m in minibatch["micro"]):
+            micro["ref"] = logprobs(ref_model, micro["batch"]) if ref_model else None
+            micro["old"] = logprobs(model, micro["batch"]) if cfg.updates_per_step > 1 else None
     totals = Counter()
     model.train()
-    for (n_tokens, micro), olds, refs in zip(minibatches, old, ref):
+    for minibatch in minibatches:
         optimizer.zero_grad(set_to_none=True)
-        for batch, old_logp, ref_logp in zip(micro, olds, refs):
-            logp = logprobs(model, batch)
-            old_logp = logp.detach() if old_logp is None else old_logp
-            _, _, mask, adv = batch
-            loss, stats = grpo_loss(logp, old_logp, ref_logp, adv, mask, n_tokens, cfg.clip_eps, cfg.dual_clip,
-                                    cfg.kl_coef)
+        for micro in minibatch["micro"]:
+            logp = logprobs(model, micro["batch"])
+            old_logp = logp.detach() if micro["old"] is None else micro["old"]
+            _, _, mask, adv = micro["batch"]
+            loss, stats = grpo_loss(logp, old_logp, micro["ref"], adv, mask, minibatch["n_tokens"], cfg.clip_eps,
+                                    cfg.dual_clip, cfg.kl_coef)
             loss.backward()
             totals.update(stats)
             totals["neg_logp"] -= (old_logp * mask).sum().item()    # -log pi_rollout of sampled tokens
@@ -845,29 +848,29 @@ def evaluate(model, tokenizer, search, questions, cfg):
     return summarize(trajs), trajs
 
 
-def train_and_evaluate(cfg, initial):
-    """The whole run: GRPO from the policy `initial` (also the KL reference), with an evaluation before, every
-    --eval-every steps and after, a checkpoint every --save-every steps and at the end. `initial` is a folder or
-    a hub id, or a function that builds one (the tiny model's warm start, another's cold start: minutes),
+def train_and_evaluate(cfg, initial_policy):
+    """The whole run: GRPO from `initial_policy` (also the KL reference), with an evaluation before, every
+    --eval-every steps and after, a checkpoint every --save-every steps and at the end. `initial_policy` is a
+    folder or a hub id, or a function that builds one (the tiny model's warm start, another's cold start: minutes),
     called once every check of the run folder and the data has passed."""
     out, start, lock = open_run(cfg)                       # every check of the run folder, before any work
     with lock:                                             # one run in the folder until this one ends or fails
-        return grpo_run(cfg, initial, out, start)
+        return grpo_run(cfg, initial_policy, out, start)
 
 
-def grpo_run(cfg, initial, out, start):
+def grpo_run(cfg, initial_policy, out, start):
     """train_and_evaluate's run, in the folder `out` that it holds, from step `start`."""
     train_qs, test_qs, search = load_data(cfg)
-    initial = initial() if callable(initial) else initial
+    initial_policy = initial_policy() if callable(initial_policy) else initial_policy
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = latest_checkpoint(out) if cfg.resume else None
-    model, tokenizer = load_policy(str(checkpoint) if checkpoint else initial, device)
+    model, tokenizer = load_policy(str(checkpoint) if checkpoint else initial_policy, device)
     ref_model = None
     if cfg.kl_coef > 0:
-        ref_model, _ = load_policy(initial, device)        # the frozen policy GRPO started from
+        ref_model, _ = load_policy(initial_policy, device)     # the frozen policy GRPO started from
         ref_model.requires_grad_(False).eval()
         if device.type == "cuda":
             ref_model.to(torch.bfloat16)
@@ -903,7 +906,7 @@ def grpo_run(cfg, initial, out, start):
             if warning:
                 tqdm.write(warning)
         bar = tqdm(range(start, cfg.steps), desc="GRPO", unit="step", initial=start, total=cfg.steps)
-        done, silent, rng = start, 0, rng_states()         # steps taken; steps in a row with no mixed group
+        done, steps_without_signal, rng = start, 0, rng_states()   # steps taken; steps in a row with no mixed group
         saved = start if cfg.resume else None              # the step of the checkpoint that holds the weights now
         try:
             for step in bar:
@@ -919,8 +922,9 @@ def grpo_run(cfg, initial, out, start):
                                   "answered", "stops", "context_tokens_per_turn"]},
                                   "sampled_tokens_per_s": round(tokens_per_s, 1)})
                 bar.set_postfix(reward=f"{stats['reward']:.3f}", mixed=f"{stats['mixed_groups']:.2f}")
-                silent = silent + 1 if stats["mixed_groups"] == 0 and cfg.group_size > 1 else 0
-                if silent == 3:
+                no_signal = stats["mixed_groups"] == 0 and cfg.group_size > 1
+                steps_without_signal = steps_without_signal + 1 if no_signal else 0
+                if steps_without_signal == 3:
                     tqdm.write(NO_SIGNAL.format(reward=stats["reward"]))
                 if cfg.print_every and done % cfg.print_every == 0:
                     tqdm.write(f"[step {done}] " + format_trajectory(trajs[0]))
@@ -952,12 +956,12 @@ def grpo_run(cfg, initial, out, start):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
-        initial = cfg.model
+        initial_policy = cfg.model
         if cfg.model == "tiny" or cfg.warm_steps:
             from data.warm_start import training_questions, warm_started   # a teaching aid: see its docstring
             training_questions(cfg)                      # refuses data its expert cannot play, before any work
-            initial = lambda: warm_started(cfg)          # built after every check (train_and_evaluate)
-        return train_and_evaluate(cfg, initial)
+            initial_policy = lambda: warm_started(cfg)   # built after every check (train_and_evaluate)
+        return train_and_evaluate(cfg, initial_policy)
     except (DataError, RetrievalError) as err:          # the user can fix these: the message says how
         if os.environ.get("MEMSEARCHER_TRACEBACK"):
             raise
@@ -1038,27 +1042,27 @@ def format_trajectory(t):
 def report(before, after):
     """EM per question type and memory keeping before and after GRPO, how many test questions GRPO turned right
     and wrong, and one that it turned from wrong to right, turn by turn both times."""
-    (m1, t1), (m2, t2) = before or (None, None), after
+    (start, start_trajs), (end, end_trajs) = before or (None, None), after
     if before is None:                                   # a resumed run has no evaluation from before GRPO
-        print(f"\nafter GRPO: EM {m2['em']:.3f}  by type {format_scores(m2['em_by_type'])}")
+        print(f"\nafter GRPO: EM {end['em']:.3f}  by type {format_scores(end['em_by_type'])}")
         return
     print(f"\n{'':24}{'before GRPO':>12}{'after GRPO':>12}")
-    for k in m2["em_by_type"]:
-        print(f"{'EM ' + k:24}{m1['em_by_type'][k]:12.3f}{m2['em_by_type'][k]:12.3f}")
-    print(f"{'EM all':24}{m1['em']:12.3f}{m2['em']:12.3f}")
-    if None not in (m1["memory_keeping"], m2["memory_keeping"]):
-        print(f"{'memory keeping':24}{m1['memory_keeping']:12.3f}{m2['memory_keeping']:12.3f}")
-    fixed = [i for i, (a, b) in enumerate(zip(t1, t2)) if a["reward"] < b["reward"]]
-    broken = [i for i, (a, b) in enumerate(zip(t1, t2)) if a["reward"] > b["reward"]]
-    print(f"\nGRPO turned {len(fixed)} of {len(t2)} test questions from wrong to right and {len(broken)} from right "
-          "to wrong.")
+    for k in end["em_by_type"]:
+        print(f"{'EM ' + k:24}{start['em_by_type'][k]:12.3f}{end['em_by_type'][k]:12.3f}")
+    print(f"{'EM all':24}{start['em']:12.3f}{end['em']:12.3f}")
+    if None not in (start["memory_keeping"], end["memory_keeping"]):
+        print(f"{'memory keeping':24}{start['memory_keeping']:12.3f}{end['memory_keeping']:12.3f}")
+    fixed = [i for i, (a, b) in enumerate(zip(start_trajs, end_trajs)) if a["reward"] < b["reward"]]
+    broken = [i for i, (a, b) in enumerate(zip(start_trajs, end_trajs)) if a["reward"] > b["reward"]]
+    print(f"\nGRPO turned {len(fixed)} of {len(end_trajs)} test questions from wrong to right and {len(broken)} "
+          "from right to wrong.")
     if fixed:      # the one with the longest hop chain, where memory matters most
-        i = max(fixed, key=lambda i: len(t2[i]["question"].get("support", [])))
+        i = max(fixed, key=lambda i: len(end_trajs[i]["question"].get("support", [])))
     else:
         i = 0
         print("(none went from wrong to right: here is the first test question)")
-    print("\nThe same test question before GRPO:\n" + format_trajectory(t1[i]))
-    print("\nand after GRPO:\n" + format_trajectory(t2[i]))
+    print("\nThe same test question before GRPO:\n" + format_trajectory(start_trajs[i]))
+    print("\nand after GRPO:\n" + format_trajectory(end_trajs[i]))
 
 
 def format_eval(step, m, per_benchmark):
@@ -1168,4 +1172,7 @@ def check_config(cfg):
 
 
 if __name__ == "__main__":
+    # data/warm_start.py (imported by main) imports this file as `memsearcher`: it must find this very module,
+    # not load a second copy of it (another Config class, another copy of every module-level value).
+    sys.modules.setdefault("memsearcher", sys.modules[__name__])
     main(sys.argv[1:])

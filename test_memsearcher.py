@@ -1,9 +1,9 @@
-"""Tests for memsearcher.py, offline on the CPU with a tiny Qwen2 built from data/ (retriever.py's are in
-test_retriever.py).
+"""Tests for memsearcher.py, in its order, offline on the CPU with a tiny Qwen2 built from data/. Each other module
+has its own test file (test_retriever.py, test_runs.py, test_warm_start.py, test_make_world.py,
+test_qwen_tokenizer.py for what --small depends on, test_docs.py); conftest.py holds what they share.
 
     HF_HUB_OFFLINE=1 python -m pytest -q
 """
-import ast
 import codecs
 import copy
 import itertools
@@ -12,99 +12,24 @@ import math
 import os
 import random
 import re
-import shlex
 import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
-import data.make_world as make_world
 import data.warm_start as warm
 import docs.measure as measure
 import memsearcher as ms
 import retriever as r
 import runs
-from retriever import local_searcher
+from conftest import ROOT, parity_reward, quick_config, run_cli, tiny_config, train, weights
 from test_retriever import search_r1_answer, serve
-
-ROOT = Path(__file__).parent
-
-
-def tiny_config(tmp, **overrides):
-    base = {**ms.PRESETS["tiny"], "output_dir": str(tmp), "warm_start_dir": str(Path(tmp) / "warm-start")}
-    return ms.Config(**{**base, **overrides})
-
-
-def train(cfg):
-    """What `python memsearcher.py` does with a Config: the tiny model's warm start, then GRPO."""
-    return ms.train_and_evaluate(cfg, warm.tiny_policy(cfg) if cfg.model == "tiny" else cfg.model)
-
-
-def quick_config(out, **overrides):
-    """A random tiny model, no warm start, 2-question steps: a whole run in a few seconds."""
-    settings = dict(pretrain_steps=0, warm_steps=0, steps=2, group_size=2, questions_per_step=2, eval_n=2,
-                    max_new_tokens=8, max_turns=2, eval_max_turns=2, eval_every=0, print_every=0,
-                    warm_start_dir=str(Path(out).parent / "warm"))
-    return tiny_config(out, **{**settings, **overrides})
-
-
-@pytest.fixture(scope="session")
-def searcher():
-    return local_searcher(ms.Config().corpus, show_progress=False)
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """A random tiny Qwen2 on disk, loaded through the Auto classes: (cfg, model, tokenizer)."""
-    cfg = tiny_config(tmp_path_factory.mktemp("tiny"))
-    path = warm.build_tiny_model(cfg, warm.tiny_tokenizer_texts(cfg), Path(cfg.output_dir) / "tiny-init")
-    model, tokenizer = ms.load_policy(path, torch.device("cpu"))
-    return cfg, model, tokenizer
-
-
-# A small toy world for the learning test: 2-hop bridge questions only, where keeping the first hop's fact in
-# memory decides whether the agent can finish ("In which country was X born?": X's bio, then the city).
-MINI_WORLD = dict(N_COUNTRIES=6, N_CITIES=20, N_PEOPLE=200, N_NOVELS=150, N_TRAIN=300, N_TEST=60,
-                  TYPE_SHARES={"2-hop bridge": 1.0})
-
-
-@pytest.fixture(scope="session")
-def learned(tmp_path_factory):
-    """The whole --tiny pipeline, shortened, on the small world: pretraining, imitation of the imperfect
-    expert, greedy evaluation, 15 GRPO steps, evaluation. -> (cfg, eval before GRPO, eval after GRPO)."""
-    out = tmp_path_factory.mktemp("learn")
-    saved = {k: getattr(make_world, k) for k in MINI_WORLD}
-    try:
-        for k, v in MINI_WORLD.items():
-            setattr(make_world, k, v)
-        make_world.main(out)
-    finally:
-        for k, v in saved.items():
-            setattr(make_world, k, v)
-    cfg = tiny_config(out, train_file=[str(out / "train.jsonl")], test_file=[str(out / "test.jsonl")],
-                      corpus=str(out / "corpus.jsonl"), pretrain_steps=200, warm_steps=600, steps=15, lr=3e-4,
-                      questions_per_step=8, max_turns=4, eval_max_turns=4, eval_n=0, eval_every=0, print_every=0,
-                      seed=0)
-    train(cfg)
-    evals = [json.loads(line)["eval"] for line in open(out / "metrics.jsonl") if '"eval"' in line]
-    return cfg, evals[0], evals[-1]
-
-
-@pytest.fixture(scope="session")
-def formatted(learned):
-    """The tiny model after the learning run: it writes the format and takes several turns."""
-    cfg, _, _ = learned
-    model, tokenizer = ms.load_policy(str(runs.latest_checkpoint(cfg.output_dir)), torch.device("cpu"))
-    return cfg, model, tokenizer, local_searcher(cfg.corpus, show_progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- prompt ---
@@ -176,9 +101,232 @@ def test_parse_action(text, expected):
     ("<memory> x </memory><memory> y </memory>", None, "malformed_memory"),       # one memory, not two
     ("<memory> " + "fact " * 200 + "</memory>", None, "memory_over_limit"),  # huge memory
 ])
-def test_memory_update(tiny, text, memory, reason):
+def test_parse_memory(tiny, text, memory, reason):
     _, _, tokenizer = tiny
-    assert ms.memory_update(text, tokenizer, max_memory_tokens=96) == (memory, reason)
+    assert ms.parse_memory(text, tokenizer, max_memory_tokens=96) == (memory, reason)
+
+
+# --------------------------------------------------------------------------------------------- rollout ---
+def char_ids(tokenizer, text):
+    """Token ids of `text`, one character at a time: decodes to `text` but is not how the tokenizer encodes it,
+    like a sampled sequence that the tokenizer would have merged differently."""
+    return [i for ch in text for i in tokenizer(ch, add_special_tokens=False).input_ids]
+
+
+def script(tokenizer, plays):
+    """A generate_fn that plays fixed outputs per question (in order: action, memory, action, ...), returning
+    each as character ids ended by EOS, so the rollout must keep sampled ids exactly as they come."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    calls = Counter()
+
+    def generate_fn(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
+        outs = []
+        for context in contexts:
+            question = re.findall(r"<question> (.*?) </question>", tokenizer.decode(context))[-1]
+            text = plays[question][calls[question]]
+            calls[question] += 1
+            outs.append((char_ids(tokenizer, text) + [eos], text, True))
+        return outs
+    return generate_fn
+
+
+PLAYS = {"Where was Ilvo Marsk born?": ["<think> a </think><search> Ilvo Marsk </search>",
+                                        "<memory> Ilvo Marsk was born in Tarvel. </memory>",
+                                        "<answer> Tarvel </answer>"],
+         "In which country is Tarvel?": ["<search> Tarvel </search>", "<memory> Tarvel is a city. </memory>",
+                                         "<search> Tarvel country </search>",
+                                         "<memory> Tarvel is in Osmaria. </memory>",
+                                         "<answer> Osmaria </answer>"]}
+
+
+def user_turn(tokenizer, hits, instruction):
+    """The user message after a search and the opening of the model's next turn, ChatML written out by hand."""
+    text = (f"\n<|im_start|>user\n{ms.information_text(hits)}{ms.MEMORY_INSTRUCTION if instruction else ''}"
+            "<|im_end|>\n<|im_start|>assistant\n")
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_rollout_keeps_sampled_ids_and_masks_exactly(tiny, searcher):
+    """MemSearcher: per turn, a fresh conversation = prompt(question, memory) 0 | action, end of turn 1 |
+    user(passages, instruction) 0 | memory, end of turn 1. ReAct: one conversation = prompt 0 | action 1 |
+    user(passages) 0 | action 1 | ... The end of turn is sampled, so trained."""
+    cfg, model, tokenizer = tiny
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    questions = [{"id": str(i), "question": q, "golden_answers": [plays[-1].split()[1]]}
+                 for i, (q, plays) in enumerate(PLAYS.items())]
+    assert char_ids(tokenizer, PLAYS[questions[0]["question"]][1]) != \
+        tokenizer(PLAYS[questions[0]["question"]][1], add_special_tokens=False).input_ids
+    out = lambda text: char_ids(tokenizer, text) + [eos]                                                 # noqa: E731
+    for workflow in ms.WORKFLOWS:
+        plays_of = PLAYS if workflow == "memsearcher" else {q: plays[0::2] for q, plays in PLAYS.items()}
+        trajs = ms.rollout(model, tokenizer, searcher, questions, cfg, max_turns=5, workflow=workflow,
+                           generate_fn=script(tokenizer, plays_of))
+        for q, t in zip(questions, trajs):
+            plays = plays_of[q["question"]]
+            assert (t["stop"], t["reward"]) == ("answered", 1.0)
+            if workflow == "memsearcher":
+                memory, actions, memories = "", plays[0::2], plays[1::2]
+                assert len(t["convs"]) == len(actions)
+                for i, (conv, turn) in enumerate(zip(t["convs"], t["turns"])):
+                    prompt = ms.render_prompt(tokenizer, q["question"], memory)     # the memory is carried over
+                    parts = [(prompt, 0), (out(actions[i]), 1)]
+                    if i < len(memories):
+                        parts += [(user_turn(tokenizer, turn["hits"], True), 0), (out(memories[i]), 1)]
+                        memory = memories[i].split("<memory> ")[1].split(" </memory>")[0]
+                    assert conv["ids"] == [x for ids, _ in parts for x in ids]
+                    assert conv["mask"] == [m for ids, m in parts for _ in ids]
+            else:
+                prompt = ms.render_prompt(tokenizer, q["question"], None, "react")
+                parts = [(prompt, 0)]
+                for i, turn in enumerate(t["turns"]):
+                    parts += [(out(plays[i]), 1)] + ([(user_turn(tokenizer, turn["hits"], False), 0)]
+                                                     if "hits" in turn else [])
+                assert [c["ids"] for c in t["convs"]] == [[x for ids, _ in parts for x in ids]]
+                assert [c["mask"] for c in t["convs"]] == [[m for ids, m in parts for _ in ids]]
+
+
+def test_batched_generate_returns_the_sampled_ids_of_each_context_alone(tiny):
+    """Left padding: a batch of contexts of different lengths gives each the ids it gets alone, and those are the
+    model's own output ids (never decoded and encoded again)."""
+    _, model, tokenizer = tiny
+    contexts = [ms.render_prompt(tokenizer, q, m) for q, m in [("Where was Ilvo Marsk born?", ""),
+                                                                ("Q?", "a much longer memory than the other one")]]
+    batched = ms.generate(model, tokenizer, contexts, 12, greedy=True)
+    for context, (ids, text, _) in zip(contexts, batched):
+        raw = model.generate(torch.tensor([context]), do_sample=False, max_new_tokens=12)[0, len(context):].tolist()
+        assert ids == raw and text == tokenizer.decode(raw, skip_special_tokens=True)
+
+
+def test_generate_keeps_the_eos_it_stopped_on(tiny):
+    """The EOS ends the sampled ids and is kept: a model that never trains its EOS never learns to stop."""
+    _, model, tokenizer = tiny
+    context = ms.render_prompt(tokenizer, "Where was Ilvo Marsk born?", "")
+    first = model(torch.tensor([context])).logits[0, -1].argmax().item()      # what greedy picks first
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [first]
+    try:
+        (ids, _, stopped), = ms.generate(model, tokenizer, [context], 12, greedy=True)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert (ids, stopped) == ([first], True)
+
+
+def test_load_policy_drops_shipped_sampling_defaults_and_keeps_every_end_id(tiny, tmp_path):
+    """Qwen2.5-Instruct ships sampling defaults (top_k 20, repetition penalty 1.05, ...) that would change the
+    distribution GRPO trains, and stops on two ids: <|im_end|> and <|endoftext|>."""
+    cfg, model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    end_ids = sorted(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
+                     eos_token_id=end_ids).save_pretrained(tmp_path)
+    loaded = ms.load_policy(str(tmp_path), torch.device("cpu"))[0].generation_config
+    assert loaded.eos_token_id == end_ids and not loaded.do_sample
+    plain = GenerationConfig()
+    assert (loaded.top_k, loaded.top_p, loaded.temperature, loaded.repetition_penalty) == \
+        (plain.top_k, plain.top_p, plain.temperature, plain.repetition_penalty)
+
+
+def test_load_policy_ends_a_generation_at_the_chat_templates_end_of_turn(tiny, tmp_path):
+    """A base model ships <|endoftext|> as its only end id, while its chat template closes a turn with <|im_end|>:
+    the turn must end there."""
+    _, model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    base = copy.deepcopy(tokenizer)
+    base.eos_token = "<|endoftext|>"
+    base.save_pretrained(tmp_path)
+    endoftext, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    GenerationConfig(eos_token_id=endoftext).save_pretrained(tmp_path)
+    loaded = ms.load_policy(str(tmp_path), torch.device("cpu"))[0].generation_config
+    assert loaded.eos_token_id == sorted([endoftext, im_end])
+
+
+def test_generate_ends_each_row_at_its_end_of_turn_through_hugging_face(tiny):
+    """A row ends at its first end id (kept) while the other rows of the batch go on, and Hugging Face itself
+    stops generating once every row has ended, not at max_new_tokens. The same seed gives the same samples, so
+    an id the model samples anyway serves as an extra end id."""
+    _, model, tokenizer = tiny
+    contexts = [ms.render_prompt(tokenizer, q, "") for q in ["Where was Ilvo Marsk born?", "Who wrote Raith?"]]
+    real, generated = model.generate, []                    # how many tokens Hugging Face generated
+    model.generate = lambda **kw: (lambda out: generated.append(out.shape[1] - kw["input_ids"].shape[1]) or out)(
+        real(**kw))
+    end_ids = model.generation_config.eos_token_id
+
+    def sample(contexts, extra_end=None):
+        torch.manual_seed(0)
+        model.generation_config.eos_token_id = end_ids + ([extra_end] if extra_end is not None else [])
+        return [(ids, ended) for ids, _, ended in ms.generate(model, tokenizer, contexts, 24, greedy=False)]
+
+    def first_new(ids, other=()):                           # an id that appears first at position >= 3
+        return next(i for i in range(3, len(ids)) if ids[i] not in ids[:i] + list(other) + end_ids)
+
+    try:
+        (ids, _), (other, other_ended) = sample(contexts)
+        n = first_new(ids, other) + 1
+        assert sample(contexts, ids[n - 1]) == [(ids[:n], True), (other, other_ended)]
+        (alone, _), = sample(contexts[:1])
+        n = first_new(alone) + 1
+        generated.clear()
+        assert sample(contexts[:1], alone[n - 1]) == [(alone[:n], True)] and generated == [n]
+    finally:
+        del model.generate
+        model.generation_config.eos_token_id = end_ids
+
+
+@pytest.mark.slow
+def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
+    cfg, model, tokenizer, searcher = formatted
+    sampled = []                                             # every id list generate() hands back
+
+    def spy(*args, **kwargs):
+        out = ms.generate(*args, **kwargs)
+        sampled.extend(ids for ids, _, _ in out)
+        return out
+
+    questions = r.load_questions(cfg.test_file[0])[:12]
+    trajs = ms.rollout(model, tokenizer, searcher, questions, cfg, generate_fn=spy)
+    assert sampled
+    assert any(len(t["convs"]) >= 2 for t in trajs), "want multi-turn trajectories to check"
+    pieces = [tuple(ids) for ids in sampled]
+    for t in trajs:
+        memory = ""
+        for conv, turn in zip(t["convs"], t["turns"]):
+            ids, mask = conv["ids"], conv["mask"]
+            assert len(ids) == len(mask)
+            # the conversation starts from question + memory only (nothing from earlier turns)
+            prompt = ms.render_prompt(tokenizer, t["question"]["question"], memory)
+            assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
+            # mask = 1 runs are exactly sampled outputs; mask = 0 after the prompt is the retrieved passages
+            runs, i = [], len(prompt)
+            while i < len(ids):
+                j = i
+                while j < len(ids) and mask[j] == mask[i]:
+                    j += 1
+                runs.append((mask[i], ids[i:j]))
+                i = j
+            trained = [tuple(r) for m, r in runs if m]
+            assert all(r in pieces for r in trained)
+            injected = [r for m, r in runs if not m]
+            if "hits" in turn:
+                assert injected == [user_turn(tokenizer, turn["hits"], True)]
+            else:
+                assert injected == []
+            memory = turn.get("memory", memory)
+        assert t["stop"] in ms.STOP_REASONS
+
+
+@pytest.mark.slow
+def test_rollout_counts_every_stop_reason(formatted):
+    cfg, model, tokenizer, searcher = formatted
+    questions = r.load_questions(cfg.test_file[0])[:16]
+    short = tiny_config(cfg.output_dir, max_turns=2, max_new_tokens=12)
+    trajs = ms.rollout(model, tokenizer, searcher, questions, short)
+    stops = ms.summarize(trajs)["stops"]
+    assert sum(stops.values()) == len(questions)
+    assert "action_truncated" in stops or "memory_truncated" in stops    # 12 tokens cannot hold the format
+    for t in trajs:
+        assert len(t["turns"]) <= 2
+        assert (t["answer"] is not None) == (t["stop"] == "answered")
 
 
 # ---------------------------------------------------------------------------------------------- reward ---
@@ -657,236 +805,6 @@ def test_grpo_step_groups_G_copies_and_gives_every_conversation_its_advantage(ti
     assert (stats["reward"], stats["mixed_groups"]) == (0.5, 1.0)
 
 
-def test_every_broken_variant_in_docs_mutants_applies_to_the_current_code():
-    import docs.mutants as mutants
-    source = (ROOT / "memsearcher.py").read_text()
-    for name, replacements in mutants.MUTANTS:
-        assert mutants.apply(source, replacements) != source, name
-
-
-# --------------------------------------------------------------------------------------------- rollout ---
-def char_ids(tokenizer, text):
-    """Token ids of `text`, one character at a time: decodes to `text` but is not how the tokenizer encodes it,
-    like a sampled sequence that the tokenizer would have merged differently."""
-    return [i for ch in text for i in tokenizer(ch, add_special_tokens=False).input_ids]
-
-
-def script(tokenizer, plays):
-    """A generate_fn that plays fixed outputs per question (in order: action, memory, action, ...), returning
-    each as character ids ended by EOS, so the rollout must keep sampled ids exactly as they come."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    calls = Counter()
-
-    def generate_fn(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
-        outs = []
-        for context in contexts:
-            question = re.findall(r"<question> (.*?) </question>", tokenizer.decode(context))[-1]
-            text = plays[question][calls[question]]
-            calls[question] += 1
-            outs.append((char_ids(tokenizer, text) + [eos], text, True))
-        return outs
-    return generate_fn
-
-
-PLAYS = {"Where was Ilvo Marsk born?": ["<think> a </think><search> Ilvo Marsk </search>",
-                                        "<memory> Ilvo Marsk was born in Tarvel. </memory>",
-                                        "<answer> Tarvel </answer>"],
-         "In which country is Tarvel?": ["<search> Tarvel </search>", "<memory> Tarvel is a city. </memory>",
-                                         "<search> Tarvel country </search>",
-                                         "<memory> Tarvel is in Osmaria. </memory>",
-                                         "<answer> Osmaria </answer>"]}
-
-
-def user_turn(tokenizer, hits, instruction):
-    """The user message after a search and the opening of the model's next turn, ChatML written out by hand."""
-    text = (f"\n<|im_start|>user\n{ms.information_text(hits)}{ms.MEMORY_INSTRUCTION if instruction else ''}"
-            "<|im_end|>\n<|im_start|>assistant\n")
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def test_rollout_keeps_sampled_ids_and_masks_exactly(tiny, searcher):
-    """MemSearcher: per turn, a fresh conversation = prompt(question, memory) 0 | action, end of turn 1 |
-    user(passages, instruction) 0 | memory, end of turn 1. ReAct: one conversation = prompt 0 | action 1 |
-    user(passages) 0 | action 1 | ... The end of turn is sampled, so trained."""
-    cfg, model, tokenizer = tiny
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    questions = [{"id": str(i), "question": q, "golden_answers": [plays[-1].split()[1]]}
-                 for i, (q, plays) in enumerate(PLAYS.items())]
-    assert char_ids(tokenizer, PLAYS[questions[0]["question"]][1]) != \
-        tokenizer(PLAYS[questions[0]["question"]][1], add_special_tokens=False).input_ids
-    out = lambda text: char_ids(tokenizer, text) + [eos]                                                 # noqa: E731
-    for workflow in ms.WORKFLOWS:
-        plays_of = PLAYS if workflow == "memsearcher" else {q: plays[0::2] for q, plays in PLAYS.items()}
-        trajs = ms.rollout(model, tokenizer, searcher, questions, cfg, max_turns=5, workflow=workflow,
-                           generate_fn=script(tokenizer, plays_of))
-        for q, t in zip(questions, trajs):
-            plays = plays_of[q["question"]]
-            assert (t["stop"], t["reward"]) == ("answered", 1.0)
-            if workflow == "memsearcher":
-                memory, actions, memories = "", plays[0::2], plays[1::2]
-                assert len(t["convs"]) == len(actions)
-                for i, (conv, turn) in enumerate(zip(t["convs"], t["turns"])):
-                    prompt = ms.render_prompt(tokenizer, q["question"], memory)     # the memory is carried over
-                    parts = [(prompt, 0), (out(actions[i]), 1)]
-                    if i < len(memories):
-                        parts += [(user_turn(tokenizer, turn["hits"], True), 0), (out(memories[i]), 1)]
-                        memory = memories[i].split("<memory> ")[1].split(" </memory>")[0]
-                    assert conv["ids"] == [x for ids, _ in parts for x in ids]
-                    assert conv["mask"] == [m for ids, m in parts for _ in ids]
-            else:
-                prompt = ms.render_prompt(tokenizer, q["question"], None, "react")
-                parts = [(prompt, 0)]
-                for i, turn in enumerate(t["turns"]):
-                    parts += [(out(plays[i]), 1)] + ([(user_turn(tokenizer, turn["hits"], False), 0)]
-                                                     if "hits" in turn else [])
-                assert [c["ids"] for c in t["convs"]] == [[x for ids, _ in parts for x in ids]]
-                assert [c["mask"] for c in t["convs"]] == [[m for ids, m in parts for _ in ids]]
-
-
-def test_batched_generate_returns_the_sampled_ids_of_each_context_alone(tiny):
-    """Left padding: a batch of contexts of different lengths gives each the ids it gets alone, and those are the
-    model's own output ids (never decoded and encoded again)."""
-    _, model, tokenizer = tiny
-    contexts = [ms.render_prompt(tokenizer, q, m) for q, m in [("Where was Ilvo Marsk born?", ""),
-                                                                ("Q?", "a much longer memory than the other one")]]
-    batched = ms.generate(model, tokenizer, contexts, 12, greedy=True)
-    for context, (ids, text, _) in zip(contexts, batched):
-        raw = model.generate(torch.tensor([context]), do_sample=False, max_new_tokens=12)[0, len(context):].tolist()
-        assert ids == raw and text == tokenizer.decode(raw, skip_special_tokens=True)
-
-
-def test_generate_keeps_the_eos_it_stopped_on(tiny):
-    """The EOS ends the sampled ids and is kept: a model that never trains its EOS never learns to stop."""
-    _, model, tokenizer = tiny
-    context = ms.render_prompt(tokenizer, "Where was Ilvo Marsk born?", "")
-    first = model(torch.tensor([context])).logits[0, -1].argmax().item()      # what greedy picks first
-    saved = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = [first]
-    try:
-        (ids, _, stopped), = ms.generate(model, tokenizer, [context], 12, greedy=True)
-    finally:
-        model.generation_config.eos_token_id = saved
-    assert (ids, stopped) == ([first], True)
-
-
-def test_load_policy_drops_shipped_sampling_defaults_and_keeps_every_end_id(tiny, tmp_path):
-    """Qwen2.5-Instruct ships sampling defaults (top_k 20, repetition penalty 1.05, ...) that would change the
-    distribution GRPO trains, and stops on two ids: <|im_end|> and <|endoftext|>."""
-    cfg, model, tokenizer = tiny
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    end_ids = sorted(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
-    GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
-                     eos_token_id=end_ids).save_pretrained(tmp_path)
-    loaded = ms.load_policy(str(tmp_path), torch.device("cpu"))[0].generation_config
-    assert loaded.eos_token_id == end_ids and not loaded.do_sample
-    plain = GenerationConfig()
-    assert (loaded.top_k, loaded.top_p, loaded.temperature, loaded.repetition_penalty) == \
-        (plain.top_k, plain.top_p, plain.temperature, plain.repetition_penalty)
-
-
-def test_load_policy_ends_a_generation_at_the_chat_templates_end_of_turn(tiny, tmp_path):
-    """A base model ships <|endoftext|> as its only end id, while its chat template closes a turn with <|im_end|>:
-    the turn must end there."""
-    _, model, tokenizer = tiny
-    model.save_pretrained(tmp_path)
-    base = copy.deepcopy(tokenizer)
-    base.eos_token = "<|endoftext|>"
-    base.save_pretrained(tmp_path)
-    endoftext, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
-    GenerationConfig(eos_token_id=endoftext).save_pretrained(tmp_path)
-    loaded = ms.load_policy(str(tmp_path), torch.device("cpu"))[0].generation_config
-    assert loaded.eos_token_id == sorted([endoftext, im_end])
-
-
-def test_generate_ends_each_row_at_its_end_of_turn_through_hugging_face(tiny):
-    """A row ends at its first end id (kept) while the other rows of the batch go on, and Hugging Face itself
-    stops generating once every row has ended, not at max_new_tokens. The same seed gives the same samples, so
-    an id the model samples anyway serves as an extra end id."""
-    _, model, tokenizer = tiny
-    contexts = [ms.render_prompt(tokenizer, q, "") for q in ["Where was Ilvo Marsk born?", "Who wrote Raith?"]]
-    real, generated = model.generate, []                    # how many tokens Hugging Face generated
-    model.generate = lambda **kw: (lambda out: generated.append(out.shape[1] - kw["input_ids"].shape[1]) or out)(
-        real(**kw))
-    end_ids = model.generation_config.eos_token_id
-
-    def sample(contexts, extra_end=None):
-        torch.manual_seed(0)
-        model.generation_config.eos_token_id = end_ids + ([extra_end] if extra_end is not None else [])
-        return [(ids, ended) for ids, _, ended in ms.generate(model, tokenizer, contexts, 24, greedy=False)]
-
-    def first_new(ids, other=()):                           # an id that appears first at position >= 3
-        return next(i for i in range(3, len(ids)) if ids[i] not in ids[:i] + list(other) + end_ids)
-
-    try:
-        (ids, _), (other, other_ended) = sample(contexts)
-        n = first_new(ids, other) + 1
-        assert sample(contexts, ids[n - 1]) == [(ids[:n], True), (other, other_ended)]
-        (alone, _), = sample(contexts[:1])
-        n = first_new(alone) + 1
-        generated.clear()
-        assert sample(contexts[:1], alone[n - 1]) == [(alone[:n], True)] and generated == [n]
-    finally:
-        del model.generate
-        model.generation_config.eos_token_id = end_ids
-
-
-@pytest.mark.slow
-def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
-    cfg, model, tokenizer, searcher = formatted
-    sampled = []                                             # every id list generate() hands back
-
-    def spy(*args, **kwargs):
-        out = ms.generate(*args, **kwargs)
-        sampled.extend(ids for ids, _, _ in out)
-        return out
-
-    questions = r.load_questions(cfg.test_file[0])[:12]
-    trajs = ms.rollout(model, tokenizer, searcher, questions, cfg, generate_fn=spy)
-    assert sampled
-    assert any(len(t["convs"]) >= 2 for t in trajs), "want multi-turn trajectories to check"
-    pieces = [tuple(ids) for ids in sampled]
-    for t in trajs:
-        memory = ""
-        for conv, turn in zip(t["convs"], t["turns"]):
-            ids, mask = conv["ids"], conv["mask"]
-            assert len(ids) == len(mask)
-            # the conversation starts from question + memory only (nothing from earlier turns)
-            prompt = ms.render_prompt(tokenizer, t["question"]["question"], memory)
-            assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
-            # mask = 1 runs are exactly sampled outputs; mask = 0 after the prompt is the retrieved passages
-            runs, i = [], len(prompt)
-            while i < len(ids):
-                j = i
-                while j < len(ids) and mask[j] == mask[i]:
-                    j += 1
-                runs.append((mask[i], ids[i:j]))
-                i = j
-            trained = [tuple(r) for m, r in runs if m]
-            assert all(r in pieces for r in trained)
-            injected = [r for m, r in runs if not m]
-            if "hits" in turn:
-                assert injected == [user_turn(tokenizer, turn["hits"], True)]
-            else:
-                assert injected == []
-            memory = turn.get("memory", memory)
-        assert t["stop"] in ms.STOP_REASONS
-
-
-@pytest.mark.slow
-def test_rollout_counts_every_stop_reason(formatted):
-    cfg, model, tokenizer, searcher = formatted
-    questions = r.load_questions(cfg.test_file[0])[:16]
-    short = tiny_config(cfg.output_dir, max_turns=2, max_new_tokens=12)
-    trajs = ms.rollout(model, tokenizer, searcher, questions, short)
-    stops = ms.summarize(trajs)["stops"]
-    assert sum(stops.values()) == len(questions)
-    assert "action_truncated" in stops or "memory_truncated" in stops    # 12 tokens cannot hold the format
-    for t in trajs:
-        assert len(t["turns"]) <= 2
-        assert (t["answer"] is not None) == (t["stop"] == "answered")
-
-
 # ---------------------------------------------------------------------------------- MemSearcher vs ReAct ---
 
 def scripted_rollout(tiny, searcher, workflow, searches, n=12, turns=8):
@@ -984,123 +902,6 @@ def test_memsearcher_context_stays_flat_while_react_grows(tiny, searcher):
         assert t["context_tokens"][-1] > 2 * t["context_tokens"][1]
 
 
-def test_react_expert_makes_the_same_mistakes_in_one_masked_conversation(tiny, searcher):
-    """The ReAct expert: one conversation = prompt 0 | search 1 | passages 0 | ... | answer 1, no memory. At the
-    same rate and with the same random draws, it restates a fact at the start of its next thought exactly when
-    the MemSearcher expert writes it into its memory, and fails exactly the same questions; at its own default
-    rate it fails about as often."""
-    cfg, _, tokenizer = tiny
-    questions = r.load_questions(cfg.train_file[0])[:200]
-
-    def play(workflow, **rates):                    # as imitate() plays them
-        return warm.expert_trajectories(questions, searcher, tokenizer,
-                                        tiny_config(cfg.output_dir, workflow=workflow, **rates))
-
-    def written(t):                                 # what the expert wrote: every trained token
-        return tokenizer.decode([i for c in t["convs"] for i, m in zip(c["ids"], c["mask"]) if m])
-
-    def failed(trajs):
-        return sum(t["reward"] == 0 for t in trajs) / len(trajs)
-
-    memsearcher, react = play("memsearcher"), play("react", expert_lose_track=ms.Config().expert_forget)
-    assert [t["reward"] for t in react] == [t["reward"] for t in memsearcher] and 0.2 < failed(react) < 0.8
-    kept = {"memsearcher": [], "react": []}         # after each passage read: was its fact taken in?
-    for mem, rea in zip(memsearcher, react):
-        facts = [h["fact"] for h in mem["question"]["support"]]
-        held = [sum(f in m for f in facts) for m in re.findall(r"<memory>(.*?)</memory>", written(mem))]
-        kept["memsearcher"] += [now > before for before, now in zip([0] + held, held)]
-        thoughts = re.findall(r"<think>(.*?)</think>", written(rea))[1:]        # every thought after a passage
-        kept["react"] += [any(th.strip().startswith(f) for f in facts) for th in thoughts]
-    assert kept["react"] == kept["memsearcher"] and 0.3 < sum(kept["react"]) / len(kept["react"]) < 0.9
-    react = play("react")                           # --expert-lose-track 0.65 against --expert-forget 0.6
-    assert 0 < failed(react) - failed(memsearcher) < 0.06
-    same = sum(a["reward"] == b["reward"] for a, b in zip(react, memsearcher)) / len(questions)
-    assert same > 0.9                               # coupled per question: a few more mistakes, on the same draws
-    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids              # noqa: E731
-    for t in react:
-        conv, = t["convs"]
-        ids, mask = conv["ids"], conv["mask"]
-        prompt = ms.render_prompt(tokenizer, t["question"]["question"], None, "react")
-        assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
-        i, actions = len(prompt), []
-        while i < len(ids):                         # alternate: a trained action, then untrained passages
-            j = i
-            while j < len(ids) and mask[j] == mask[i]:
-                j += 1
-            text = tokenizer.decode(ids[i:j])
-            if mask[i]:
-                actions.append(ms.parse_action(text))
-                assert ids[i:j] == encode(text) and "<memory>" not in text and text.endswith("<|im_end|>")
-            else:                                   # a user turn with the passages, then the next turn opens
-                assert text.startswith("\n<|im_start|>user\n<information>")
-                assert text.endswith("</information>\n<|im_end|>\n<|im_start|>assistant\n")
-            i = j
-        assert all(kind == "search" for kind, _ in actions[:-1]) and actions[-1][0] in ("search", "answer")
-        assert (t["stop"] == "answered") == (actions[-1][0] == "answer")
-
-
-@pytest.mark.slow
-def test_the_small_path_is_rehearsed_on_the_cpu_with_qwens_tokenizer_and_shape(tmp_path):
-    """docs/measure.py small-rehearsal: `--small` with Qwen2.5's real tokenizer and vocabulary and a one-layer
-    model of Qwen2.5-0.5B's width, through cold start, pre-flight, a GRPO step (KL, two updates, chunked
-    log-probs), its checkpoint, --resume for a second step, and the final evaluation."""
-    result = run_cli("docs/measure.py", "small-rehearsal", "--out", str(tmp_path), "--layers", "1")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads((tmp_path / "rehearsal.json").read_text())
-    assert report["parameters_m"] > 150 and report["cold_start_s"] > 0      # the 151,936 x 896 embedding
-    assert report["preflight_warned"] and report["resumed"] and list(report["steps"]) == ["1", "2"]
-    assert report["checkpoints"] == ["checkpoint-000002"] and report["eval_final_s"] > 0
-    assert all(p["peak_rss_mb"] > 1000 for p in (report["first_process"], report["resumed_process"]))
-    cold = next((tmp_path / "warm-start").glob("*/warm_start.json"))           # the cold start was built and kept
-    assert json.loads(cold.read_text())["settings"]["warm_steps"] == 2
-    records = runs.read_metrics(tmp_path / "run")
-    assert [r["step"] for r in records if "eval" in r] == [0, 1, 2]          # each process ends with one
-    assert all(r["stops"] == {"action_truncated": 2} for r in records if "reward" in r)   # random weights
-
-
-@pytest.mark.slow
-def test_both_trained_command_writes_its_table(tmp_path):
-    few = tmp_path / "train.jsonl"
-    few.write_text("".join(open(ROOT / "data" / "train.jsonl").readlines()[:40]))
-    result = run_cli("docs/measure.py", "both-trained", "--out", str(tmp_path / "both"), "--seeds", "0", "--tiny",
-                     "--train-file", str(few), "--warm-start-dir", str(tmp_path / "warm"), "--pretrain-steps", "2",
-                     "--warm-steps", "3", "--steps", "1", "--group-size", "2", "--questions-per-step", "2",
-                     "--eval-n", "3", "--max-new-tokens", "16")
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((tmp_path / "both" / "both_trained.json").read_text())
-    assert set(report["runs"]) == {"memsearcher seed 0", "react seed 0"}
-    for run in report["runs"].values():
-        assert 0 <= run["after"]["em"] <= 1 and run["peak_rss_mb"] > 0 and run["rollout_s"] > 0
-    assert "greedy test EM, before -> after GRPO" in result.stdout and "tokens processed" in result.stdout
-    assert "leaked semaphore" not in result.stderr
-    assert len(list((tmp_path / "warm").glob("tiny-react-seed0-*"))) == 1
-
-
-def test_both_trained_table_averages_a_turn_over_the_runs_that_reached_it(capsys):
-    def run(per_turn):
-        after = {"em": 0.5, "em_by_type": {"1-hop": 0.5}, "context_tokens_per_turn": per_turn,
-                 "context_tokens_max": [2 * c for c in per_turn], "last_turn_context": 1, "processed_tokens": 1}
-        return {"before": after, "after": after, "rollout_s": 1, "update_s": 1, "peak_rss_mb": 1}
-    results = {"memsearcher seed 0": run([100, 90]), "memsearcher seed 1": run([100]),
-               "react seed 0": run([100, 200, 300]), "react seed 1": run([120, 220, 330])}
-    measure.print_both_trained(results, [0, 1])
-    rows = {line[:36].strip(): line[36:].split() for line in capsys.readouterr().out.splitlines()}
-    assert rows["context tokens at turn 2: mean"] == ["90", "210"]
-    assert rows["context tokens at turn 3: mean"] == ["-", "315"]
-    assert rows["max, any seed"] == ["-", "660"]
-
-
-def parity_reward(t, reward="em"):
-    """A stand-in reward for runs of an untrained model, whose exact match is always 0: 1 when the sampled ids of
-    the trajectory add up to an even number. Groups get mixed rewards, so GRPO really updates the weights."""
-    return float(sum(i for c in t["convs"] for i, m in zip(c["ids"], c["mask"]) if m) % 2 == 0)
-
-
-def weights(path):
-    model, _ = ms.load_policy(str(path), torch.device("cpu"))
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
 def test_react_trains_with_the_same_grpo_code(tmp_path, monkeypatch):
     monkeypatch.setattr(ms, "trajectory_reward", parity_reward)
     cfg = tiny_config(tmp_path, workflow="react", pretrain_steps=0, warm_steps=0, steps=2, group_size=4,
@@ -1112,24 +913,6 @@ def test_react_trains_with_the_same_grpo_code(tmp_path, monkeypatch):
     assert max(rec["mixed_groups"] for rec in steps) > 0 and min(rec["grad_norm"] for rec in steps) > 0
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-000002"
     assert not torch.equal(weights(initial), weights(tmp_path / "checkpoint-000002"))
-
-
-@pytest.mark.slow
-def test_compare_command_writes_both_workflows(tmp_path):
-    out = tmp_path / "cmp"
-    result = run_cli("docs/measure.py", "compare", "--tiny", "--output-dir", str(out), "--pretrain-steps", "0",
-                     "--warm-steps", "0", "--warm-start-dir", str(tmp_path / "warm"), "--eval-n", "4",
-                     "--compare-turns", "3", "--group-size", "2", "--questions-per-step", "2", "--max-new-tokens", "16")
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((out / "compare.json").read_text())
-    for results in report["policies"].values():
-        assert set(results) == {"memsearcher", "react"}
-        for m in results.values():
-            assert len(m["context_mean"]) == len(m["context_max"]) <= 3 and m["peak_memory_mb"] > 0
-    scripted = report["policies"]["scripted (searches until the last turn)"]
-    assert scripted["memsearcher"]["em"] == scripted["react"]["em"] == 1.0
-    assert report["throughput"]["batched"]["sampled_tokens"] > 0
-    assert "rollout throughput" in result.stdout
 
 
 # ------------------------------------------------------------------------------------------- learning ---
@@ -1151,10 +934,6 @@ def test_grpo_lifts_greedy_em_over_the_imitator(learned):
 
 
 # --------------------------------------------------------------------------------------------- the CLI ---
-
-def run_cli(script, *args):
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
 
 
 @pytest.mark.slow
@@ -1184,20 +963,6 @@ def test_a_run_stopped_and_resumed_is_the_uninterrupted_run(tmp_path, learned):
     assert torch.equal(weights(tmp_path / "a" / "checkpoint-000003"), weights(tmp_path / "b" / "checkpoint-000003"))
 
 
-def test_a_presets_warm_start_only_for_the_model_it_names(tmp_path):
-    built = ms.parse_args(["--tiny"])
-    assert (built.model, built.pretrain_steps, built.warm_steps) == ("tiny", 300, 2400)
-    loaded = ms.parse_args(["--tiny", "--model", str(tmp_path)])           # a checkpoint folder
-    assert (loaded.pretrain_steps, loaded.warm_steps, loaded.group_size) == (0, 0, 8)
-    small = ms.parse_args(["--small"])                                     # Qwen2.5-0.5B-Instruct's cold start
-    assert (small.model, small.pretrain_steps, small.warm_steps, small.cold_lr) == (ms.Config.model, 0, 300, 1e-5)
-    assert ms.parse_args(["--small", "--model", str(tmp_path)]).warm_steps == 0
-    assert ms.parse_args(["--small", "--model", "tiny"]).warm_steps == 0
-    # another model asks for its own cold start, imitation only
-    cold = ms.parse_args(["--tiny", "--model", str(tmp_path), "--warm-steps", "5"])
-    assert (cold.pretrain_steps, cold.warm_steps, cold.cold_lr) == (0, 5, 1e-5)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--small", "--pretrain-steps", "5"], "--pretrain-steps pretrains the tiny model (--model tiny) from random "
                                            "weights; --model Qwen/Qwen2.5-0.5B-Instruct arrives pretrained: use "
@@ -1214,116 +979,6 @@ def test_pretraining_and_the_other_paths_learning_rate_are_refused_for_another_m
     assert message in str(stop.value.code)
 
 
-def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys, monkeypatch):
-    """A later run with the same settings loads the kept warm start, and its GRPO run is the same run."""
-    few = tmp_path / "train.jsonl"                        # 100 questions: the expert plays every one
-    few.write_text("".join(open(ROOT / "data" / "train.jsonl").readlines()[:100]))
-    cfg = tiny_config(tmp_path / "a", train_file=[str(few)], pretrain_steps=3, warm_steps=4, steps=1, group_size=4,
-                      questions_per_step=2, eval_n=3, max_new_tokens=16, eval_every=0, print_every=0)
-    cfg.warm_start_dir = str(tmp_path / "warm")
-    built = warm.tiny_policy(cfg)
-    assert "warm start: building" in capsys.readouterr().out
-    assert warm.tiny_policy(cfg) == built and "warm start: reusing" in capsys.readouterr().out
-    record = json.loads((Path(built) / "warm_start.json").read_text())
-    assert record["settings"]["warm_steps"] == 4 and len(record["imitation"]["loss_every_10_steps"]) == 1
-    other = warm.tiny_policy(ms.Config(**{**asdict(cfg), "warm_steps": 5}))      # another setting, another model
-    assert other != built
-    rebuilt = warm.tiny_policy(ms.Config(**{**asdict(cfg), "rebuild_warm_start": True}))
-    assert rebuilt == built and "warm start: building" in capsys.readouterr().out
-    # GRPO after building (run a) and after reusing (run b): the same run, with updates that move the weights
-    # (parity_reward gives the barely imitated model mixed groups)
-    monkeypatch.setattr(ms, "trajectory_reward", parity_reward)
-    first = train(cfg)
-    second = train(ms.Config(**{**asdict(cfg), "output_dir": str(tmp_path / "b")}))
-    assert first == second
-    logs = [[{k: v for k, v in rec.items() if not k.endswith("_s")} for rec in runs.read_metrics(tmp_path / run)]
-            for run in "ab"]
-    assert logs[0] == logs[1] and logs[0][1]["mixed_groups"] > 0 and logs[0][1]["grad_norm"] > 0
-    assert torch.equal(weights(tmp_path / "a" / "checkpoint-000001"), weights(tmp_path / "b" / "checkpoint-000001"))
-    assert not torch.equal(weights(built), weights(tmp_path / "a" / "checkpoint-000001"))
-
-
-@pytest.fixture(scope="session")
-def qwen_model(tmp_path_factory):
-    """A model folder that is not the tiny one: Qwen2.5's real tokenizer and chat template (built offline) and a
-    random Qwen2 of one layer of hidden size 64 over its 151,936-row vocabulary."""
-    from data.qwen_tokenizer import qwen25_tokenizer
-    path = Path(qwen25_tokenizer(tmp_path_factory.mktemp("qwen2-h64")))
-    torch.manual_seed(0)
-    warm.small_qwen2(151_936, 64, 1, bos_token_id=None, eos_token_id=151645,
-                     pad_token_id=151643).save_pretrained(path)
-    return path
-
-
-def cold_start_args(tmp_path, model, train_file):
-    """--small with another model, cold-started for a few imitation steps, then one GRPO step."""
-    return ["--small", "--model", str(model), "--warm-steps", "4", "--warm-batch", "2", "--cold-lr", "1e-2",
-            "--train-file", str(train_file), "--top-k", "1", "--max-turns", "2", "--eval-max-turns", "2",
-            "--max-new-tokens", "8", "--steps", "1", "--group-size", "4", "--questions-per-step", "2", "--eval-n", "2",
-            "--eval-every", "0", "--print-every", "0", "--output-dir", str(tmp_path / "run"),
-            "--warm-start-dir", str(tmp_path / "warm")]
-
-
-def expert_nll(path, convs, cfg):
-    """Mean negative log-likelihood of the expert's tokens (the loss mask) under the model in `path`."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    ids, attention, mask, _ = ms.collate(convs, model.config.pad_token_id, model.device)
-    with torch.no_grad():
-        logp = ms.token_logprobs(model, ids, attention, mask, cfg.logprob_chunk)
-    return (-(logp * mask).sum() / mask.sum()).item()
-
-
-@pytest.mark.slow
-def test_another_model_is_cold_started_once_then_grpo_starts_from_it(tmp_path, qwen_model, capsys, monkeypatch):
-    """A model that is not the tiny one imitates the expert (its conversations in Qwen's chat template): the kept
-    folder imitates better than the model did, a later run reuses it, and its GRPO starts from it and keeps it as
-    the KL reference."""
-    few = tmp_path / "train.jsonl"                        # the expert plays every training question
-    few.write_text("".join(open(ROOT / "data" / "train.jsonl").readlines()[:10]))
-    args = cold_start_args(tmp_path, qwen_model, few)
-    cfg = ms.parse_args(args)
-    folder = warm.warm_started(cfg)
-    assert Path(folder).name.startswith(f"{qwen_model.name}-memsearcher-seed0-")
-    assert "imitates the scripted expert for 4 steps" in capsys.readouterr().out
-    record = json.loads((Path(folder) / "warm_start.json").read_text())
-    assert "pretrain" not in record and record["settings"]["cold_lr"] == 1e-2
-    tokenizer = AutoTokenizer.from_pretrained(qwen_model)
-    expert = warm.expert_trajectories(ms.load_questions(few)[:2], local_searcher(cfg.corpus, show_progress=False),
-                                      tokenizer, cfg)
-    convs = [c for t in expert for c in t["convs"]]
-    assert tokenizer.decode(convs[0]["ids"]).startswith(f"<|im_start|>system\n{ms.SYSTEM_PROMPT}<|im_end|>")
-    assert expert_nll(folder, convs, cfg) < expert_nll(qwen_model, convs, cfg) - 0.1
-    # the command line: the kept cold start is reused, GRPO starts from it and keeps it as the KL reference
-    loaded, real_load = [], ms.load_policy
-    monkeypatch.setattr(ms, "load_policy", lambda path, device: loaded.append(path) or real_load(path, device))
-    monkeypatch.setattr(ms, "trajectory_reward", parity_reward)    # mixed groups: the step moves the weights
-    ms.main(args)
-    assert "warm start: reusing" in capsys.readouterr().out
-    assert loaded == [folder] * 3                         # the damage check, the policy, the reference
-    step, = [rec for rec in runs.read_metrics(tmp_path / "run") if "reward" in rec]
-    assert step["mixed_groups"] > 0 and step["grad_norm"] > 0 and cfg.kl_coef > 0
-    start, end = (load_file(Path(f) / "model.safetensors") for f in [folder, tmp_path / "run" / "checkpoint-000001"])
-    assert start.keys() == end.keys() and not all(torch.equal(start[k], end[k]) for k in start)
-
-
-def test_cold_start_on_data_without_hop_chains_is_refused_before_any_work(tmp_path, monkeypatch):
-    """--small imitates the toy world's expert by default: other data is refused at once, saying what to pass,
-    before the run folder is taken or the index built (a real corpus can take minutes to index)."""
-    path = tmp_path / "nq.jsonl"
-    path.write_text('{"id": "nq-1", "question": "who wrote hamlet?", "golden_answers": ["Shakespeare"]}\n')
-
-    def work(*args, **kwargs):
-        raise AssertionError("work started before the data was checked")
-
-    monkeypatch.setattr(ms, "local_searcher", work)
-    monkeypatch.setattr(ms, "open_run", work)
-    with pytest.raises(SystemExit) as stop:
-        ms.main(["--small", "--train-file", str(path), "--output-dir", str(tmp_path / "run"),
-                 "--warm-start-dir", str(tmp_path / "warm")])
-    assert "1 lack it, e.g. nq-1. On other data, pass --warm-steps 0" in str(stop.value.code)
-    assert not (tmp_path / "warm").exists()
-
-
 @pytest.mark.parametrize("args, message", [
     (["--group-size", "0"], "--group-size must be at least 1"),
     (["--lr", "-1"], "--lr must be at least 0"),
@@ -1337,14 +992,6 @@ def test_bad_flags_name_the_flag(args, message, capsys):
         ms.parse_args(args)
     assert stop.value.code != 0
     assert message in f"{stop.value.code}\n{capsys.readouterr().err}"
-
-
-@pytest.mark.parametrize("path, name", [
-    ("flashrag/nq/test.jsonl", "NQ"), ("flashrag/2wikimultihopqa/dev.jsonl", "2Wiki"),
-    ("musique_dev.jsonl", "MuSiQue"), ("Bamboogle-test.jsonl", "Bamboogle"), ("my_questions.jsonl", "my_questions"),
-])
-def test_benchmark_name_from_file(path, name):
-    assert r.benchmark_name(path) == name
 
 
 def test_repeated_test_files_give_em_per_benchmark_and_their_average(tmp_path):
@@ -1364,23 +1011,6 @@ def test_repeated_test_files_give_em_per_benchmark_and_their_average(tmp_path):
     header, values = ms.benchmark_table(metrics["em_by_benchmark"]).split("\n")
     assert header.split() == ["NQ", "HotpotQA", "Avg"]                                  # the paper's order
     assert values.split() == ["1.000", "0.333", "0.667"]                                # Avg over benchmarks
-
-
-def test_question_file_that_is_not_utf8_names_the_line(tmp_path):
-    path = tmp_path / "q.jsonl"
-    path.write_bytes(b'{"question": "ok?", "golden_answers": ["a"]}\n'
-                     b'{"question": "caf\xe9?", "golden_answers": ["a"]}\n')             # Latin-1, not UTF-8
-    with pytest.raises(ValueError, match=f"^{path}:2: not UTF-8"):
-        r.load_questions(path)
-
-
-def test_duplicate_question_ids_name_both_lines(tmp_path):
-    path = tmp_path / "q.jsonl"
-    path.write_text('{"id": "x", "question": "a?", "golden_answers": ["a"]}\n'
-                    '{"id": "y", "question": "b?", "golden_answers": ["b"]}\n'
-                    '{"id": "x", "question": "c?", "golden_answers": ["c"]}\n')
-    with pytest.raises(ValueError, match=f"^{path}:3: duplicate id 'x' \\(first on line 1\\)"):
-        r.load_questions(path)
 
 
 def test_retriever_url_serves_the_rollout_one_request_per_turn(tiny, searcher):
@@ -1425,20 +1055,6 @@ def test_a_failing_retrieval_server_keeps_the_run(tmp_path, monkeypatch):
                                     tmp_path / "checkpoint-000001") == 1
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{bad", "invalid JSON"),
-    ('{"golden_answers": ["x"]}', 'field "question"'),
-    ('{"question": "q?", "golden_answers": []}', "non-empty list"),
-    ('{"question": "q?", "golden_answers": "x"}', "non-empty list"),
-])
-def test_bad_question_lines_name_file_and_line(tmp_path, line, message):
-    path = tmp_path / "q.jsonl"
-    path.write_text('{"question": "ok?", "golden_answers": ["a"]}\n' + line + "\n")
-    with pytest.raises(ValueError, match=message) as error:
-        r.load_questions(path)
-    assert str(error.value).startswith(f"{path}:2: ")
-
-
 # ------------------------------------------------------------------------------------- data a user brings ---
 
 def test_two_test_files_of_one_name_get_two_columns(tmp_path):
@@ -1462,16 +1078,6 @@ def test_question_types_null_mixed_or_in_metadata(tmp_path):
     assert ms.summarize(trajs)["em_by_type"] == {"2": 1.0, "bridge": 1.0}
     untyped = [{**ms.new_trajectory({"question": "q?", "golden_answers": ["a"]}), "reward": 0.0}]
     assert ms.summarize(untyped)["em_by_type"] == {}
-
-
-def test_warm_start_on_data_without_hop_chains_is_refused_before_any_work(tmp_path):
-    path = tmp_path / "nq.jsonl"
-    path.write_text('{"question": "who wrote hamlet?", "golden_answers": ["Shakespeare"]}\n')
-    cfg = tiny_config(tmp_path / "run", train_file=[str(path)])
-    start = time.time()
-    with pytest.raises(SystemExit, match="--warm-steps needs questions with a 'support' hop chain"):
-        warm.tiny_policy(cfg)
-    assert time.time() - start < 5 and not (tmp_path / "run" / "warm-start").exists()
 
 
 def test_user_errors_are_one_line_bugs_keep_their_traceback(tmp_path, monkeypatch):
@@ -1512,33 +1118,6 @@ def test_help_shows_every_default(capsys):
         ms.parse_args(["--help"])
     text = capsys.readouterr().out
     assert "None" not in text and "(default 5; --tiny: 8)" in text.replace("\n", " ").replace("  ", " ")
-
-
-@pytest.mark.parametrize("bad_line, problem", [
-    (b'{"id": "x", "text": "no contents"}', 'missing or empty "contents"'),
-    ('{"id": "x", "contents": "Caf\xe9\\ntext"}'.encode("latin-1"), "not UTF-8"),
-    (b"{not json", "invalid JSON"),
-])
-def test_a_bad_corpus_on_the_tiny_path_is_one_line_before_any_work(tmp_path, bad_line, problem):
-    """--tiny builds its tokenizer from the corpus: read by the same reader as everywhere, before the warm start's
-    minutes of pretraining and imitation (the --tiny defaults here)."""
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_bytes(b'{"id": "a", "contents": "T\\ntext"}\n' + bad_line + b"\n")
-    start = time.time()
-    with pytest.raises(SystemExit) as stop:
-        ms.main(["--tiny", "--corpus", str(corpus), "--output-dir", str(tmp_path / "run"),
-                 "--warm-start-dir", str(tmp_path / "warm")])
-    first_line = str(stop.value.code).splitlines()[0]
-    assert first_line.startswith(f"memsearcher.py: {corpus}:2: {problem}") and "Error" not in first_line
-    assert time.time() - start < 10 and not (tmp_path / "warm").exists()
-
-
-def test_byte_order_marks_are_fine_on_the_tiny_path(tmp_path):
-    corpus, train = tmp_path / "corpus.jsonl", tmp_path / "train.jsonl"
-    corpus.write_bytes(codecs.BOM_UTF8 + b'{"id": "a", "contents": "Paris\\nParis is in France."}\n')
-    train.write_bytes(codecs.BOM_UTF8 + b'{"question": "Where is Paris?", "golden_answers": ["France"]}\n')
-    cfg = tiny_config(tmp_path / "run", corpus=str(corpus), train_file=[str(train)], pretrain_steps=0, warm_steps=0)
-    assert (Path(warm.tiny_policy(cfg)) / "warm_start.json").exists()
 
 
 def test_a_directory_given_as_a_file_is_named_a_directory(tmp_path):
@@ -1587,45 +1166,16 @@ def test_information_is_cut_to_its_token_budget_and_the_first_cut_reported(tiny,
         tokenizer(ms.information_text(hits), add_special_tokens=False).input_ids
 
 
-def test_the_workshop_runs_on_the_current_code():
-    """docs/WORKSHOP.md: every command parses against today's command line, every function it names exists,
-    and every edit it asks for applies to memsearcher.py exactly once and leaves valid Python."""
-    text = (ROOT / "docs" / "WORKSHOP.md").read_text()
-    commands = re.findall(r"^ {4}python memsearcher\.py (.*)$", text, flags=re.M)
-    assert len(commands) >= 6
-    for command in commands:
-        ms.parse_args(shlex.split(command))                  # refuses unknown or bad flags with SystemExit
-    for name in re.findall(r"`(\w+)\(\)`", text):
-        assert hasattr(ms, name), f"WORKSHOP.md names {name}(), which memsearcher.py does not have"
-    source = (ROOT / "memsearcher.py").read_text()
-    edits = re.findall(r"replace `(.+?)` with `(.+?)`", text)
-    assert edits
-    for old, new in edits:
-        assert source.count(old) == 1, old
-        ast.parse(source.replace(old, new))
-
-
-# ------------------------------------------------------------------------------------------------ data ---
-
-def test_world_generator_is_deterministic_and_matches_committed_files(tmp_path):
-    make_world.main(tmp_path)
-    for name in ["corpus.jsonl", "train.jsonl", "test.jsonl"]:
-        assert (tmp_path / name).read_bytes() == (ROOT / "data" / name).read_bytes(), name
-
-
-def test_world_questions_are_answerable_and_reachable_by_bm25(searcher):
-    corpus = {json.loads(line)["id"]: json.loads(line)["contents"] for line in open(ROOT / "data" / "corpus.jsonl")}
-    train, test = r.load_questions(ROOT / "data" / "train.jsonl"), r.load_questions(ROOT / "data" / "test.jsonl")
-    assert len(train) >= 2000 and len(test) >= 300
-    assert not {q["question"] for q in train} & {q["question"] for q in test}
-    assert {q["type"] for q in test} == {"1-hop", "2-hop bridge", "3-hop bridge", "comparison"}
-    hops = [h for q in train + test for h in q["support"]]
-    top_k = ms.PRESETS["tiny"]["top_k"]
-    hits = searcher([h["query"] for h in hops], top_k)
-    for h, found in zip(hops, hits):
-        assert h["fact"] in corpus[h["doc_id"]]                         # the fact is in its passage
-        assert h["doc_id"] in [x["id"] for x in found], h["query"]      # and its query finds it (top 2)
-    for q in train + test:                                              # the chain ends at the answer
-        if q["type"] != "comparison":
-            assert q["support"][-1]["finding"] == q["golden_answers"][0]
-            assert q["golden_answers"][0] in q["support"][-1]["fact"]
+def test_run_as_a_script_the_file_is_one_module(tmp_path):
+    """`python memsearcher.py` runs the file as __main__, and data/warm_start.py, which main imports, imports
+    memsearcher: it must get that same module, not a second copy (another Config class, other module state)."""
+    bare = tmp_path / "train.jsonl"                       # no hop chains: the cold start refuses it at once
+    bare.write_text(json.dumps({"id": "q1", "question": "Who?", "golden_answers": ["Me"]}) + "\n")
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['memsearcher.py', '--small', '--train-file', {str(bare)!r}]\n"
+            "try:\n    runpy.run_path('memsearcher.py', run_name='__main__')\n"
+            "except SystemExit as stop:\n    print(stop.code)\n"
+            "import data.warm_start\nprint('module:', data.warm_start.ms.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert "lack it" in result.stdout and result.stdout.rstrip().endswith("module: __main__"), result.stderr

@@ -178,9 +178,9 @@ def test_parse_and_memory_on_text_decoded_from_qwen_ids(tok):
     memory = "Paris is the capital of France."                     # 7 Qwen tokens
     assert len(ids_of(tok, memory)) == 7
     out = tok.decode(ids_of(tok, f"<memory> {memory} </memory>"), skip_special_tokens=True)
-    assert ms.memory_update(out, tok, 7) == (memory, None)
-    assert ms.memory_update(out, tok, 6) == (None, "memory_over_limit")
-    assert ms.memory_update("<memory> unclosed", tok, 7) == (None, "malformed_memory")
+    assert ms.parse_memory(out, tok, 7) == (memory, None)
+    assert ms.parse_memory(out, tok, 6) == (None, "memory_over_limit")
+    assert ms.parse_memory("<memory> unclosed", tok, 7) == (None, "malformed_memory")
 
 
 def test_information_is_cut_with_its_closing_tag_in_qwen_tokens(tok):

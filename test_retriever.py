@@ -469,3 +469,44 @@ def test_command_line_refuses_what_is_not_a_url_in_one_line(capsys):
     assert error.value.code == 1
     assert capsys.readouterr().err == ("retriever.py: --url: 'notaurl' is not an http:// or https:// URL "
                                        "(e.g. http://host:8000/retrieve)\n")
+
+
+# ------------------------------------------------------------------------------------- question files ---
+
+@pytest.mark.parametrize("path, name", [
+    ("flashrag/nq/test.jsonl", "NQ"), ("flashrag/2wikimultihopqa/dev.jsonl", "2Wiki"),
+    ("musique_dev.jsonl", "MuSiQue"), ("Bamboogle-test.jsonl", "Bamboogle"), ("my_questions.jsonl", "my_questions"),
+])
+def test_benchmark_name_from_file(path, name):
+    assert r.benchmark_name(path) == name
+
+
+def test_question_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b'{"question": "ok?", "golden_answers": ["a"]}\n'
+                     b'{"question": "caf\xe9?", "golden_answers": ["a"]}\n')             # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=f"^{path}:2: not UTF-8"):
+        r.load_questions(path)
+
+
+def test_duplicate_question_ids_name_both_lines(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"id": "x", "question": "a?", "golden_answers": ["a"]}\n'
+                    '{"id": "y", "question": "b?", "golden_answers": ["b"]}\n'
+                    '{"id": "x", "question": "c?", "golden_answers": ["c"]}\n')
+    with pytest.raises(ValueError, match=f"^{path}:3: duplicate id 'x' \\(first on line 1\\)"):
+        r.load_questions(path)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{bad", "invalid JSON"),
+    ('{"golden_answers": ["x"]}', 'field "question"'),
+    ('{"question": "q?", "golden_answers": []}', "non-empty list"),
+    ('{"question": "q?", "golden_answers": "x"}', "non-empty list"),
+])
+def test_bad_question_lines_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": "ok?", "golden_answers": ["a"]}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message) as error:
+        r.load_questions(path)
+    assert str(error.value).startswith(f"{path}:2: ")

@@ -29,7 +29,7 @@ import data.warm_start as warm
 import memsearcher as ms
 import retriever as r
 import runs
-from test_memsearcher import quick_config, train
+from conftest import quick_config, train
 
 ROOT = Path(__file__).parent
 

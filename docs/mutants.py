@@ -7,7 +7,7 @@
 Each variant replaces a few lines of memsearcher.py in a copy of the repository with a broken version, runs the
 fast tier there (python -m pytest -m "not slow"), and lists the tests that failed. A variant that no test
 catches is a hole in the fast tier. The README's table of variants and the tests that catch them comes from
-this script's output; test_memsearcher.py checks that every variant still applies to the current code.
+this script's output; test_docs.py checks that every variant still applies to the current code.
 """
 import os
 import re
@@ -44,18 +44,20 @@ MUTANTS = [
     ("KL sign flipped",
      [("d = ref_logp - logp ", "d = logp - ref_logp ")]),
     ("loss divided by each micro-batch's own token count",
-     [("adv, mask, n_tokens, cfg.clip_eps", "adv, mask, mask.sum(), cfg.clip_eps")]),
+     [('adv, mask, minibatch["n_tokens"], cfg.clip_eps', "adv, mask, mask.sum(), cfg.clip_eps")]),
     ("zero-advantage rows left out of the token count",
-     [('n_tokens = max(1, sum(sum(r["mask"]) for r in rows_k))',
-       'n_tokens = max(1, sum(sum(r["mask"]) for r in rows_k if needs_forward(r, cfg)))')]),
+     [('"n_tokens": max(1, sum(sum(r["mask"]) for r in rows_k))',
+       '"n_tokens": max(1, sum(sum(r["mask"]) for r in rows_k if needs_forward(r, cfg)))')]),
     ("log-probs shifted by one position",
-     [("h = hidden[:, :-1][predicts]", "h = hidden[:, 1:][predicts]")]),
+     [("h = hidden[:, :-1][predicts_trained]", "h = hidden[:, 1:][predicts_trained]")]),
     ("log-probs at temperature 1 everywhere",
      [("logits = head(h_chunk).float() / temperature", "logits = head(h_chunk).float()")]),
     ("rollout (old) log-probs at temperature 1",
-     [("old = [[logprobs(model, b) if", "old = [[token_logprobs(model, *b[:3], cfg.logprob_chunk) if")]),
+     [('micro["old"] = logprobs(model, micro["batch"]) if',
+       'micro["old"] = token_logprobs(model, *micro["batch"][:3], cfg.logprob_chunk) if')]),
     ("reference log-probs at temperature 1",
-     [("ref = [[logprobs(ref_model, b) if", "ref = [[token_logprobs(ref_model, *b[:3], cfg.logprob_chunk) if")]),
+     [('micro["ref"] = logprobs(ref_model, micro["batch"]) if',
+       'micro["ref"] = token_logprobs(ref_model, *micro["batch"][:3], cfg.logprob_chunk) if')]),
     ("sampler ignores the temperature",
      [("probs = torch.softmax(scores.float() / self.temperature, dim=-1)",
        "probs = torch.softmax(scores.float(), dim=-1)")]),
@@ -91,7 +93,7 @@ MUTANTS = [
     ("EM keeps the punctuation",
      [('text = "".join(ch for ch in text if ch not in set(string.punctuation))', "text = text")]),
     ("rollout log-probs not frozen before the first update",
-     [("old_logp = logp.detach() if old_logp is None else old_logp", "old_logp = logp.detach()")]),
+     [('old_logp = logp.detach() if micro["old"] is None else micro["old"]', "old_logp = logp.detach()")]),
     ("zero-advantage rows skipped even with a KL term",
      [('return row["adv"] != 0 or cfg.kl_coef > 0', 'return row["adv"] != 0')]),
     ("no optimizer step when every row is skipped",
@@ -138,7 +140,7 @@ def run(mutant, where, learning):
     source = (ROOT / "memsearcher.py").read_text()
     (where / "memsearcher.py").write_text(apply(source, mutant[1]) if mutant else source)
     tests = ["-m", "slow", "-k", "test_grpo_lifts_greedy_em_over_the_imitator", "-s"] if learning else \
-        ["-m", "not slow", *[f"--deselect=test_memsearcher.py::{name}" for name in DOC_TESTS]]
+        ["-m", "not slow", *[f"--deselect=test_docs.py::{name}" for name in DOC_TESTS]]
     start = time.time()
     result = subprocess.run([sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "--tb=no",
                              "-rf"], cwd=where, capture_output=True, text=True,
