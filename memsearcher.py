@@ -177,7 +177,7 @@ PRESETS = {
     "small": dict(),
     # a 0.3M-parameter Qwen2 built from data/, warm-started once, then GRPO on 2 CPU cores (see the README)
     "tiny": dict(model="tiny", output_dir="runs/tiny", top_k=2, max_new_tokens=64, max_memory_tokens=96,
-                 eval_max_turns=5, pretrain_steps=300, warm_steps=2400, group_size=8, questions_per_step=16,
+                 eval_max_turns=5, pretrain_steps=300, warm_steps=3600, group_size=8, questions_per_step=16,
                  steps=30, lr=3e-4, kl_coef=0.0, updates_per_step=1, micro_batch_tokens=8192, logprob_chunk=1024,
                  eval_every=15, save_every=0),
 }
@@ -1012,7 +1012,7 @@ def preflight(m, reward):
     why = ("no test trajectory answered, and a trajectory that never answers gets reward 0" if not answered else
            "none answered right, and with --reward em a wrong answer gets 0 as well")
     tries = ["a cold start that teaches the format first: on the toy world, --warm-steps N imitates its scripted "
-             "expert before GRPO (--small does 300 steps, --tiny 2400)",
+             "expert before GRPO (--small does 300 steps, --tiny 3600)",
              *(["--reward f1, the official reward: 0.1 for any well-formed answer, so answering already pays"]
                if reward == "em" else []),
              "a larger model (the paper trains Qwen2.5-3B/7B-Instruct; models under 3B rarely learn from RL alone)",

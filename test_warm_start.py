@@ -80,7 +80,7 @@ def test_react_expert_makes_the_same_mistakes_in_one_masked_conversation(tiny, s
 
 def test_a_presets_warm_start_only_for_the_model_it_names(tmp_path):
     built = ms.parse_args(["--tiny"])
-    assert (built.model, built.pretrain_steps, built.warm_steps) == ("tiny", 300, 2400)
+    assert (built.model, built.pretrain_steps, built.warm_steps) == ("tiny", 300, 3600)
     loaded = ms.parse_args(["--tiny", "--model", str(tmp_path)])           # a checkpoint folder
     assert (loaded.pretrain_steps, loaded.warm_steps, loaded.group_size) == (0, 0, 8)
     small = ms.parse_args(["--small"])                                     # Qwen2.5-0.5B-Instruct's cold start
