@@ -616,9 +616,10 @@ RECOMPUTE_LOGITS_ABOVE_BYTES = 2**30         # 1 GB of fp32 logits
 def token_logprobs(model, ids, attention, mask, chunk, temperature=1.0):
     """log p(ids[b, t] | ids[b, :t]) where mask[b, t] = 1, else 0.   ids, attention, mask: [B, T] -> [B, T] fp32.
 
-    p is softmax(logits / temperature): the distribution the rollout sampled from. Every log-prob the loss uses
-    (current, rollout and reference policy) is taken at the sampling temperature, as verl does; at any other
-    temperature the policy gradient would be biased and the PPO ratio would compare the wrong distributions.
+    p is softmax(logits / temperature): the distribution the rollout sampled from (SampleFromSoftmax). Every
+    log-prob the loss uses (current, rollout and reference policy) is taken at the sampling temperature, as verl
+    does; at any other temperature the policy gradient would be biased and the PPO ratio would compare the wrong
+    distributions.
 
     A [B, T, V] logits tensor would be huge (16 x 1024 x 151,936 fp32 = 10 GB), and we only need the log-prob
     of one token per position, at the positions we train. So: run the transformer body once, keep the hidden
@@ -914,18 +915,18 @@ def grpo_run(cfg, initial_policy, out, start):
                     break
                 rng = rng_states()                         # a step that fails is taken again on --resume
                 batch = step_questions(train_qs, cfg, step)
-                trajs, stats = grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg)
+                trajs, step_stats = grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg)
                 done, rng = step + 1, rng_states()         # a failure from here on keeps this step
-                metrics = summarize(trajs)
-                tokens_per_s = metrics["sampled_tokens"] * len(trajs) / stats["rollout_s"]
-                log_metrics(out, {"step": done, **stats, **{k: metrics[k] for k in ["turns", "sampled_tokens",
-                                  "answered", "stops", "context_tokens_per_turn"]},
+                rollout_summary = summarize(trajs)
+                tokens_per_s = rollout_summary["sampled_tokens"] * len(trajs) / step_stats["rollout_s"]
+                logged = ["turns", "sampled_tokens", "answered", "stops", "context_tokens_per_turn"]
+                log_metrics(out, {"step": done, **step_stats, **{k: rollout_summary[k] for k in logged},
                                   "sampled_tokens_per_s": round(tokens_per_s, 1)})
-                bar.set_postfix(reward=f"{stats['reward']:.3f}", mixed=f"{stats['mixed_groups']:.2f}")
-                no_signal = stats["mixed_groups"] == 0 and cfg.group_size > 1
+                bar.set_postfix(reward=f"{step_stats['reward']:.3f}", mixed=f"{step_stats['mixed_groups']:.2f}")
+                no_signal = step_stats["mixed_groups"] == 0 and cfg.group_size > 1
                 steps_without_signal = steps_without_signal + 1 if no_signal else 0
                 if steps_without_signal == 3:
-                    tqdm.write(NO_SIGNAL.format(reward=stats["reward"]))
+                    tqdm.write(NO_SIGNAL.format(reward=step_stats["reward"]))
                 if cfg.print_every and done % cfg.print_every == 0:
                     tqdm.write(f"[step {done}] " + format_trajectory(trajs[0]))
                 if eval_due(done):
@@ -944,10 +945,12 @@ def grpo_run(cfg, initial_policy, out, start):
         if stop.is_set():
             raise SystemExit(f"Stopped: saved {out / f'checkpoint-{done:06d}'} after {done} steps. To continue: "
                              f"{resume_command()}")
+    # The final evaluation, once per run: a resumed run whose last step was already evaluated (it had finished)
+    # only says so; with --steps 0 the step-0 evaluation is also the final one.
     if cfg.steps in evaluated and before is None:
         print(f"the run in {out} is complete: its final evaluation is in {out / 'metrics.jsonl'}")
         return None
-    after = before if cfg.steps in evaluated else run_eval(cfg.steps)     # --steps 0: one evaluation
+    after = before if cfg.steps in evaluated else run_eval(cfg.steps)
     print(f"metrics in {out / 'metrics.jsonl'} (plot them: python docs/measure.py curves {out})")
     report(before, after)
     return after[0]

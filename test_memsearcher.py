@@ -922,9 +922,9 @@ def test_grpo_lifts_greedy_em_over_the_imitator(learned):
     """Multi-context GRPO must beat the imperfect imitator by 8 EM points on the 60 test questions.
 
     The margin sits between the real method and broken ones, measured with this seed by
-    `python docs/mutants.py --learning 1 4 5` (EM before -> after GRPO): the method as it is 0.083 -> 0.383;
-    the advantage's sign flipped 0.083 -> 0.000; every token of a conversation trained 0.083 -> 0.033; the
-    advantage only on each trajectory's final conversation 0.083 -> 0.067 (the forgetting happens in the
+    `python docs/mutants.py --learning 1 4 5` (EM before -> after GRPO): the method as it is 0.033 -> 0.183;
+    the advantage's sign flipped 0.033 -> 0.000; every token of a conversation trained 0.033 -> 0.067; the
+    advantage only on each trajectory's final conversation 0.033 -> 0.017 (the forgetting happens in the
     memory-writing turns before it).
     """
     _, before, after = learned

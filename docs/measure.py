@@ -368,7 +368,7 @@ def _logprob_peak(method, rows, length, vocab, chunk):
 # -----------------------------------------------------------------------------------------------------------
 # The sampler.
 
-def sampler_speed(rows=128, vocab=2797, calls=200):
+def sampler_speed(rows=128, vocab=2813, calls=200):
     """memsearcher.SampleFromSoftmax against softmax + torch.multinomial on one [rows, vocab] batch of logits."""
     torch.manual_seed(0)
     scores = torch.randn(rows, vocab) * 2

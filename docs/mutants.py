@@ -6,8 +6,8 @@
 
 Each variant replaces a few lines of memsearcher.py in a copy of the repository with a broken version, runs the
 fast tier there (python -m pytest -m "not slow"), and lists the tests that failed. A variant that no test
-catches is a hole in the fast tier. The README's table of variants and the tests that catch them comes from
-this script's output; test_docs.py checks that every variant still applies to the current code.
+catches is a hole in the fast tier. The table of variants and the tests that catch them in docs/MEASUREMENTS.md
+comes from this script's output; test_docs.py checks that every variant still applies to the current code.
 """
 import os
 import re
