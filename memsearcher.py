@@ -196,8 +196,8 @@ SYSTEM_PROMPT = (
     "<information> </information>; then rewrite your memory inside <memory> </memory>, keeping only the facts "
     "that help answer the question."
 )
-# Closes the user message that brings the passages: the official code asks for the memory there, in the turn
-# the model answers, and not only in the system prompt.
+# Closes the user message that brings the passages: the official code asks for the memory there, in the message
+# the model replies to, and not only in the system prompt.
 MEMORY_INSTRUCTION = ("Rewrite your memory: keep the facts from your previous memory that help answer the "
                       "question, add the new ones from these results, and write it inside <memory> </memory>.")
 # The ReAct (Search-R1) baseline: the same tags without the memory. Its single conversation keeps every
