@@ -26,8 +26,10 @@ def test_every_broken_variant_in_docs_mutants_applies_to_the_current_code():
 @pytest.mark.slow
 def test_the_small_path_is_rehearsed_on_the_cpu_with_qwens_tokenizer_and_shape(tmp_path):
     """docs/measure.py small-rehearsal: `--small` with Qwen2.5's real tokenizer and vocabulary and a one-layer
-    model of Qwen2.5-0.5B's width, through cold start, pre-flight, a GRPO step (KL, two updates, chunked
-    log-probs), its checkpoint, --resume for a second step, and the final evaluation."""
+    model of Qwen2.5-0.5B's width, through cold start, pre-flight, a GRPO step (KL, two updates, --small's
+    log-prob chunks), its checkpoint, --resume for a second step, and the final evaluation. It checks the path,
+    not learning: random weights never answer, so every advantage is 0 and the steps move no weight (the
+    resume tests in test_runs.py and test_memsearcher.py train for real)."""
     result = run_cli("docs/measure.py", "small-rehearsal", "--out", str(tmp_path), "--layers", "1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "rehearsal.json").read_text())

@@ -410,21 +410,22 @@ def plot_curves(out):
 # -----------------------------------------------------------------------------------------------------------
 # `--small` rehearsed on a CPU: Qwen2.5-Instruct's real tokenizer and a random model of Qwen2.5-0.5B's shape cut
 # to a layer or two, through every phase of `python memsearcher.py --small` with its GRPO settings (the KL
-# term, two updates per step, chunked log-probs), at a size a CPU finishes in minutes. Random weights never
+# term, two updates per step, log-probs in chunks of 256), at a size a CPU finishes in minutes. Random weights never
 # end their turn, so every generation runs to its token limit: this checks the path, not learning.
 
 def small_stand_in(folder, layers):
     """A model folder as the hub gives Qwen/Qwen2.5-0.5B-Instruct, built offline: the real tokenizer, the
     generation config Qwen ships (both end ids, its sampling defaults) and random weights of the real shape,
-    cut to `layers` layers -> folder."""
+    cut to `layers` layers -> (folder, parameters)."""
     from transformers import GenerationConfig
     from data.qwen_tokenizer import qwen25_tokenizer
     qwen25_tokenizer(folder)
     torch.manual_seed(0)
-    qwen25_05b_shaped(layers).save_pretrained(folder)
+    model = qwen25_05b_shaped(layers)
+    model.save_pretrained(folder)
     GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=True,
                      temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05).save_pretrained(folder)
-    return folder
+    return folder, sum(p.numel() for p in model.parameters())
 
 
 # --small's settings, with fewer of everything: a CPU finishes them in minutes
@@ -455,7 +456,7 @@ def small_rehearsal(out, layers):
     import runs
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    model = small_stand_in(out / f"qwen2.5-0.5b-shaped-{layers}-layers", layers)
+    model, parameters = small_stand_in(out / f"qwen2.5-0.5b-shaped-{layers}-layers", layers)
     built_s = time.time() - t0
     args = [*REHEARSAL, "--model", str(model), "--output-dir", str(out / "run"),
             "--warm-start-dir", str(out / "warm-start")]
@@ -465,8 +466,7 @@ def small_rehearsal(out, layers):
     steps = {r["step"]: r for r in records if "reward" in r}
     evals = {r["step"]: r for r in records if "eval" in r}
     cold = json.loads(next((out / "warm-start").glob("*/warm_start.json")).read_text())
-    report = {"layers": layers, "parameters_m": round(sum(p.numel() for p in qwen25_05b_shaped(layers).parameters())
-                                                        / 1e6, 1),
+    report = {"layers": layers, "parameters_m": round(parameters / 1e6, 1),
               "stand_in_s": round(built_s, 1), "cold_start_s": cold["build_s"], "eval_step0_s": evals[0]["eval_s"],
               "preflight_warned": "warning: GRPO will very likely learn nothing here" in first,
               "steps": {n: {"rollout_s": r["rollout_s"], "update_s": round(r["step_s"] - r["rollout_s"], 2),
