@@ -73,7 +73,7 @@ from transformers.utils import logging as hf_logging
 
 from retriever import (PAPER_BENCHMARKS, DataError, RetrievalError, benchmark_name, check_url, format_hits,
                        load_questions, local_searcher, remote_searcher)
-from runs import (begin_run, latest_checkpoint, log_metrics, open_run, read_metrics, restore_trainer_state,
+from runs import (begin_run, latest_checkpoint, log_metrics, logged_evaluations, open_run, restore_trainer_state,
                   resume_command, rng_states, save_checkpoint, stop_requests)
 
 DATA = Path(__file__).parent / "data"
@@ -336,61 +336,6 @@ STOP_REASONS = ["answered", "malformed_action", "malformed_memory", "action_trun
                 "memory_over_limit", "max_turns"]
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (the weights stay fp32); plain fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-class SampleFromSoftmax(LogitsProcessor):
-    """Sampling at a temperature, written as a logits processor for greedy decoding.
-
-    It draws each next token from the full softmax(scores / T), with no top-k or top-p cut (transformers'
-    do_sample=True would add its default top_k=50), by inverse CDF: one uniform number per row. Then it leaves
-    only that token's score finite, so the greedy argmax picks it. The full softmax at T is what GRPO needs:
-    token_logprobs computes the log-probs of exactly this distribution. torch.multinomial is several times
-    slower on a CPU (the README has the measurement), enough to weigh on --tiny's rollouts.
-    """
-
-    def __init__(self, temperature):
-        self.temperature = temperature
-
-    def __call__(self, input_ids, scores):
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)          # [B, V]
-        # float64: near 1, a float32 running sum ignores an addition below ~3e-8, so the many tokens of
-        # Qwen's 151,936 with a smaller probability would get an empty interval and never be drawn.
-        cdf = probs.double().cumsum(dim=-1)                                         # [B, V]
-        u = torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]   # [B, 1] in [0, total)
-        token = torch.searchsorted(cdf, u, right=True)                              # [B, 1] first cdf > u
-        return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
-    """One batched generate over many contexts (lists of ids), each row until the model ends its turn (any of its
-    end ids) or max_new_tokens. Returns per context: (sampled ids, the end id included; text; ended)."""
-    device = model.device
-    pad = tokenizer.pad_token_id
-    width = max(len(c) for c in contexts)
-    input_ids = torch.full((len(contexts), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(contexts), width), dtype=torch.long)
-    for i, c in enumerate(contexts):                        # left padding: every row ends where sampling starts
-        input_ids[i, width - len(c):] = torch.tensor(c)
-        attention[i, width - len(c):] = 1
-    with autocast(device):
-        sampler = None if greedy else LogitsProcessorList([SampleFromSoftmax(temperature)])
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             do_sample=False, logits_processor=sampler, max_new_tokens=max_new_tokens)
-    end_ids = set(model.generation_config.eos_token_id)
-    results = []
-    for ids in out[:, width:].tolist():                     # a row that ended early is padded after its end id
-        end = next((i for i, token in enumerate(ids) if token in end_ids), None)
-        ids = ids if end is None else ids[:end + 1]
-        results.append((ids, tokenizer.decode(ids, skip_special_tokens=True), end is not None))
-    return results
-
-
 def new_trajectory(question):
     """One question's trajectory, filled in turn by turn by rollout():
 
@@ -415,12 +360,14 @@ def extend_conversation(conv, ids, trained):
 
 
 def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=None, workflow=None,
-            generate_fn=generate, reward=None):
+            generate_fn=None, reward=None):
     """Run every question to the end -> one trajectory (see new_trajectory) per question, in order, each scored
     by the reward `reward` (REWARDS; default --reward).
 
-    generate_fn has generate()'s signature: docs/measure.py and the tests pass scripted policies through it.
+    generate_fn (default: generate, below) has generate()'s signature: docs/measure.py and the tests pass scripted
+    policies through it.
     """
+    generate_fn = generate_fn or generate
     max_turns = max_turns or cfg.max_turns
     workflow = workflow or cfg.workflow
     reward = reward or cfg.reward
@@ -493,6 +440,66 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
         t["stop"] = t["stop"] or "max_turns"
         t["reward"] = trajectory_reward(t, reward)
     return trajs
+
+
+# Generation, the plumbing under the rollout: one batched Hugging Face `generate` over many contexts, left-
+# padded, each row sampled until the model ends its turn. Sampling is a logits processor so that it draws from
+# exactly the distribution whose log-probs GRPO trains (token_logprobs).
+
+def autocast(device):
+    """bf16 autocast on CUDA (the weights stay fp32); plain fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class SampleFromSoftmax(LogitsProcessor):
+    """Sampling at a temperature, written as a logits processor for greedy decoding.
+
+    It draws each next token from the full softmax(scores / T), with no top-k or top-p cut (transformers'
+    do_sample=True would add its default top_k=50), by inverse CDF: one uniform number per row. Then it leaves
+    only that token's score finite, so the greedy argmax picks it. The full softmax at T is what GRPO needs:
+    token_logprobs computes the log-probs of exactly this distribution. torch.multinomial is several times
+    slower on a CPU (the README has the measurement), enough to weigh on --tiny's rollouts.
+    """
+
+    def __init__(self, temperature):
+        self.temperature = temperature
+
+    def __call__(self, input_ids, scores):
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)          # [B, V]
+        # float64: near 1, a float32 running sum ignores an addition below ~3e-8, so the many tokens of
+        # Qwen's 151,936 with a smaller probability would get an empty interval and never be drawn.
+        cdf = probs.double().cumsum(dim=-1)                                         # [B, V]
+        u = torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]   # [B, 1] in [0, total)
+        token = torch.searchsorted(cdf, u, right=True)                              # [B, 1] first cdf > u
+        return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
+    """One batched generate over many contexts (lists of ids), each row until the model ends its turn (any of its
+    end ids) or max_new_tokens. Returns per context: (sampled ids, the end id included; text; ended)."""
+    device = model.device
+    pad = tokenizer.pad_token_id
+    width = max(len(c) for c in contexts)
+    input_ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(contexts), width), dtype=torch.long)
+    for i, c in enumerate(contexts):                        # left padding: every row ends where sampling starts
+        input_ids[i, width - len(c):] = torch.tensor(c)
+        attention[i, width - len(c):] = 1
+    with autocast(device):
+        sampler = None if greedy else LogitsProcessorList([SampleFromSoftmax(temperature)])
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             do_sample=False, logits_processor=sampler, max_new_tokens=max_new_tokens)
+    end_ids = set(model.generation_config.eos_token_id)
+    results = []
+    for ids in out[:, width:].tolist():                     # a row that ended early is padded after its end id
+        end = next((i for i, token in enumerate(ids) if token in end_ids), None)
+        ids = ids if end is None else ids[:end + 1]
+        results.append((ids, tokenizer.decode(ids, skip_special_tokens=True), end is not None))
+    return results
+
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -827,6 +834,7 @@ def summarize(trajs):
     max_turns = max(len(t["context_tokens"]) for t in trajs)
     context = [[t["context_tokens"][i] for t in trajs if len(t["context_tokens"]) > i] for i in range(max_turns)]
     sampled = [sum(sum(c["mask"]) for c in t["convs"]) for t in trajs]
+    stops = Counter(t["stop"] for t in trajs)
     return {"em": sum(t["reward"] for t in trajs) / n,
             "em_by_type": {k: sum(v) / len(v) for k, v in sorted(per_type.items())},
             "em_by_benchmark": {k: sum(v) / len(v) for k, v in per_source.items()},
@@ -838,7 +846,7 @@ def summarize(trajs):
             "sampled_tokens": sum(sampled) / n,
             "answered": sum(t["answer"] is not None for t in trajs) / n,
             "memory_keeping": memory_keeping(trajs),
-            "stops": dict(Counter(t["stop"] for t in trajs))}
+            "stops": {r: stops[r] for r in STOP_REASONS if stops[r]}}
 
 
 def evaluate(model, tokenizer, search, questions, cfg):
@@ -883,77 +891,57 @@ def grpo_run(cfg, initial_policy, out, start):
         print(f"resumed from {checkpoint} at step {start}")
     begin_run(cfg, out, start)                             # only now is an earlier run moved aside
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}")
-    evaluated = {r["step"] for r in read_metrics(out) if "eval" in r}   # a resumed run does not evaluate twice
+    logged = logged_evaluations(out)                       # step -> metrics: the evaluations the run has logged
+    evaluations = {}                                       # step -> (metrics, trajs): this process's evaluations
 
-    def run_eval(step):
-        t0 = time.time()
-        metrics, trajs = evaluate(model, tokenizer, search, test_qs, cfg)
-        log_metrics(out, {"step": step, "eval": metrics, "eval_s": round(time.time() - t0, 1)})
-        evaluated.add(step)
-        tqdm.write(format_eval(step, metrics, per_benchmark=len(cfg.test_file) > 1))
-        return metrics, trajs
-
-    def eval_due(step):
-        return cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
+    def evaluate_once(step):
+        """The evaluation at `step` -> its metrics. One that the run logged before it was stopped is not run again
+        (runs.py: each step is evaluated once)."""
+        if step not in logged:
+            t0 = time.time()
+            metrics, trajs = evaluate(model, tokenizer, search, test_qs, cfg)
+            log_metrics(out, {"step": step, "eval": metrics, "eval_s": round(time.time() - t0, 1)})
+            tqdm.write(format_eval(step, metrics, per_benchmark=len(cfg.test_file) > 1))
+            logged[step], evaluations[step] = metrics, (metrics, trajs)
+        return logged[step]
 
     with stop_requests() as stop:                          # Ctrl-C, SIGTERM: finish the step, save, say how to go on
-        before = run_eval(0) if 0 not in evaluated else None
-        if eval_due(start) and start not in evaluated:
-            run_eval(start)                                # a failure stopped the run before this evaluation
-        if start == 0 and cfg.steps > 0:                   # a resumed run uses its logged step-0 evaluation
-            step0 = before[0] if before else next(r["eval"] for r in read_metrics(out)
-                                                  if r.get("step") == 0 and "eval" in r)
-            warning = preflight(step0, cfg.reward)
-            if warning:
-                tqdm.write(warning)
+        done, rng = start, rng_states()                    # steps taken, and the random states right after them
+        steps_without_signal = 0                           # steps in a row in which no group's rewards differed
         bar = tqdm(range(start, cfg.steps), desc="GRPO", unit="step", initial=start, total=cfg.steps)
-        done, steps_without_signal, rng = start, 0, rng_states()   # steps taken; steps in a row with no mixed group
-        saved = start if cfg.resume else None              # the step of the checkpoint that holds the weights now
         try:
             for step in bar:
+                if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
+                    metrics = evaluate_once(step)                                               # 1. evaluate
+                    if step == 0 and (warning := preflight(metrics, cfg.reward)):
+                        tqdm.write(warning)            # before the first step: can GRPO learn at all here?
                 if stop.is_set():
                     break
-                rng = rng_states()                         # a step that fails is taken again on --resume
                 batch = step_questions(train_qs, cfg, step)
-                trajs, step_stats = grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg)
-                done, rng = step + 1, rng_states()         # a failure from here on keeps this step
-                rollout_summary = summarize(trajs)
-                tokens_per_s = rollout_summary["sampled_tokens"] * len(trajs) / step_stats["rollout_s"]
-                logged = ["turns", "sampled_tokens", "answered", "stops", "context_tokens_per_turn"]
-                log_metrics(out, {"step": done, **step_stats, **{k: rollout_summary[k] for k in logged},
-                                  "sampled_tokens_per_s": round(tokens_per_s, 1)})
-                bar.set_postfix(reward=f"{step_stats['reward']:.3f}", mixed=f"{step_stats['mixed_groups']:.2f}")
+                trajs, step_stats = grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg)  # 2. step
+                done, rng = step + 1, rng_states()         # a step that fails is taken again on --resume
+                log_step(out, done, trajs, step_stats, cfg, bar)                                # 3. log
                 no_signal = step_stats["mixed_groups"] == 0 and cfg.group_size > 1
                 steps_without_signal = steps_without_signal + 1 if no_signal else 0
                 if steps_without_signal == 3:
                     tqdm.write(NO_SIGNAL.format(reward=step_stats["reward"]))
-                if cfg.print_every and done % cfg.print_every == 0:
-                    tqdm.write(f"[step {done}] " + format_trajectory(trajs[0]))
-                if eval_due(done):
-                    run_eval(done)
                 if cfg.save_every and done % cfg.save_every == 0:
-                    save_checkpoint(model, tokenizer, optimizer, done, out)
-                    saved = done
+                    save_checkpoint(model, tokenizer, optimizer, done, out, rng)                # 4. save
         except RetrievalError as err:
             # A retrieval server that stays down must not cost the run: keep what was learned, say how to go on.
-            if saved != done:
-                save_checkpoint(model, tokenizer, optimizer, done, out, rng)
-            raise SystemExit(f"{err}\nStopped: saved {out / f'checkpoint-{done:06d}'} after {done} steps. When the "
-                             f"server is back, continue with: {resume_command()}") from err
-        if saved != done:                                  # never the same step twice (see runs.save_model)
-            save_checkpoint(model, tokenizer, optimizer, done, out)
+            path = save_checkpoint(model, tokenizer, optimizer, done, out, rng)
+            raise SystemExit(f"{err}\nStopped: saved {path} after {done} steps. When the server is back, "
+                             f"continue with: {resume_command()}") from err
+        path = save_checkpoint(model, tokenizer, optimizer, done, out, rng)   # unless that step is saved already
         if stop.is_set():
-            raise SystemExit(f"Stopped: saved {out / f'checkpoint-{done:06d}'} after {done} steps. To continue: "
-                             f"{resume_command()}")
-    # The final evaluation, once per run: a resumed run whose last step was already evaluated (it had finished)
-    # only says so; with --steps 0 the step-0 evaluation is also the final one.
-    if cfg.steps in evaluated and before is None:
+            raise SystemExit(f"Stopped: saved {path} after {done} steps. To continue: {resume_command()}")
+    if cfg.steps in logged:                                # a resumed run that had finished before
         print(f"the run in {out} is complete: its final evaluation is in {out / 'metrics.jsonl'}")
         return None
-    after = before if cfg.steps in evaluated else run_eval(cfg.steps)
+    evaluate_once(cfg.steps)                               # the final evaluation (--steps 0: the step-0 one)
     print(f"metrics in {out / 'metrics.jsonl'} (plot them: python docs/measure.py curves {out})")
-    report(before, after)
-    return after[0]
+    report(evaluations.get(0), evaluations[cfg.steps])     # a resumed run has no evaluation from before GRPO
+    return evaluations[cfg.steps][0]
 
 
 def main(argv=None):
@@ -996,6 +984,18 @@ NO_SIGNAL = ("warning: 3 steps in a row in which every group's rewards were equa
              "advantage is 0, so GRPO learns nothing. Likely causes: the model never answers right (an untrained "
              "or too small model, a too-hard task, a retriever that finds nothing) or always does; --group-size "
              "too small to see both; --max-new-tokens or --max-turns too small for the format.")
+
+
+def log_step(out, step, trajs, step_stats, cfg, bar):
+    """One GRPO step in metrics.jsonl, on the progress bar and, every --print-every steps, one of its trajectories."""
+    rollout_summary = summarize(trajs)
+    logged = ["turns", "sampled_tokens", "answered", "stops", "context_tokens_per_turn"]
+    tokens_per_s = rollout_summary["sampled_tokens"] * len(trajs) / step_stats["rollout_s"]
+    log_metrics(out, {"step": step, **step_stats, **{k: rollout_summary[k] for k in logged},
+                      "sampled_tokens_per_s": round(tokens_per_s, 1)})
+    bar.set_postfix(reward=f"{step_stats['reward']:.3f}", mixed=f"{step_stats['mixed_groups']:.2f}")
+    if cfg.print_every and step % cfg.print_every == 0:
+        tqdm.write(f"[step {step}] " + format_trajectory(trajs[0]))
 
 
 def preflight(m, reward):

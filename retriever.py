@@ -39,7 +39,7 @@ words weigh more. This idf is negative for words in more than half of the
 passages; rank_bm25 replaces those by epsilon * (mean idf), epsilon = 0.25.
 
 rank_bm25 computes every score in a Python loop over all passages (about
-0.3 s per query at 100k passages). Here we precompute, for every word, the
+0.2 s per query at 100k passages). Here we precompute, for every word, the
 list of passages that contain it together with that word's finished BM25 term
 for each of them (an *inverted index*). A query then only touches the
 passages that share a word with it. The arithmetic is the same, operation by
@@ -47,8 +47,8 @@ operation, so the scores are bitwise equal to rank_bm25's; `reference_scores`
 keeps rank_bm25 around to check that (`python retriever.py --check`).
 
 Run `python retriever.py "where was Treikar Komers born" -k 3` to query
-data/corpus.jsonl, `python retriever.py --benchmark 10000 100000` to time it
-on synthetic data.
+data/corpus.jsonl; `python docs/measure.py bm25 10000 100000` times it on
+synthetic data.
 """
 
 import argparse
@@ -528,71 +528,6 @@ def remote_searcher(url: str, timeout: float = 30, retries: int = 3, backoff: fl
     return searcher
 
 
-# -------------------------------------------------------------- benchmark ---
-
-SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-
-
-def pseudo_word(i: int) -> str:
-    """A distinct pronounceable word per integer (its base-70 digits as syllables)."""
-    word = SYLLABLES[i % 70]
-    while i >= 70:
-        i //= 70
-        word += SYLLABLES[i % 70]
-    return word
-
-
-def synthetic_corpus(n: int, vocab_size: int = 100_000, seed: int = 0,
-                     length: tuple[int, int] = (60, 100)) -> list[dict]:
-    """n passages of 60-100 words drawn from a Zipf law (the r-th most common
-    word has probability ~ 1/r, so the top words occur in almost every
-    passage), each titled with two rare words. Deterministic given seed."""
-    rng = np.random.default_rng(seed)
-    words = [pseudo_word(i) for i in range(vocab_size)]
-    p = 1.0 / np.arange(1, vocab_size + 1)
-    lengths = rng.integers(length[0], length[1] + 1, size=n)
-    tokens = rng.choice(vocab_size, size=int(lengths.sum()), p=p / p.sum())
-    titles = rng.integers(vocab_size // 2, vocab_size, size=(n, 2)).tolist()
-    ends = np.cumsum(lengths).tolist()
-    return [{"id": str(i), "title": f"{words[a]} {words[b]}".title(),
-             "text": " ".join(map(words.__getitem__, tokens[end - size:end].tolist()))}
-            for i, ((a, b), end, size) in enumerate(zip(titles, ends, lengths.tolist()))]
-
-
-def rss_mb(field: str = "VmRSS") -> float:
-    """Resident memory of this process in MB, from /proc (Linux only)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-
-
-def benchmark(sizes: list[int], n_queries: int = 100, seed: int = 0) -> None:
-    for n in sizes:
-        docs = synthetic_corpus(n, seed=seed)
-        rng = np.random.default_rng(seed + 1)
-        queries = [" ".join(rng.choice(docs[i]["text"].split(), 6, replace=False))
-                   for i in rng.integers(0, n, n_queries)]
-        rss_before, start = rss_mb(), time.perf_counter()
-        index = build_index(docs, show_progress=False)
-        build_s = time.perf_counter() - start
-        arrays_mb = sum(a.nbytes for a in index[2:5]) / 2**20
-        latencies = []
-        for q in queries:
-            start = time.perf_counter()
-            search(index, [q], 10)
-            latencies.append(1000 * (time.perf_counter() - start))
-        print(f"{n:>9,} passages: build {build_s:6.1f} s, index arrays {arrays_mb:6.0f} MB "
-              f"(RSS +{rss_mb() - rss_before:.0f} MB, {len(index.vocab):,} terms), query "
-              f"mean {np.mean(latencies):.2f} ms, p95 {np.percentile(latencies, 95):.2f} ms", flush=True)
-        if n <= 100_000:
-            from rank_bm25 import BM25Okapi
-            bm25 = BM25Okapi([passage_tokens(doc) for doc in docs])
-            start = time.perf_counter()
-            for q in queries[:5]:
-                bm25.get_scores(tokenize(q))
-            print(f"{'':>19} rank_bm25 get_scores: {200 * (time.perf_counter() - start):.0f} ms/query")
-        del docs, index
-
-
 def check(index: BM25Index, queries: list[str], k: int) -> None:
     """Compare our scores and top-k with rank_bm25 on the loaded corpus."""
     for query, ref in zip(queries, reference_scores(index.docs, queries)):
@@ -603,7 +538,7 @@ def check(index: BM25Index, queries: list[str], k: int) -> None:
 
 
 def positive_int(text: str) -> int:
-    """argparse type for -k, --max-passage-chars and --benchmark (-k 0 would print no hits)."""
+    """argparse type for -k and --max-passage-chars (-k 0 would print no hits)."""
     value = int(text)  # a ValueError makes argparse say "invalid positive_int value"
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -623,13 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-passage-chars", type=positive_int, default=MAX_PASSAGE_CHARS,
                         help="cut longer passage texts to this many characters (and say so)")
     parser.add_argument("--check", action="store_true", help="compare scores with rank_bm25")
-    parser.add_argument("--benchmark", type=positive_int, nargs="+", metavar="N",
-                        help="time build and queries on synthetic corpora of N passages")
     args = parser.parse_args(argv)
-    if not (args.queries or args.check or args.benchmark):
-        parser.error("give at least one query, --check or --benchmark")
-    if args.benchmark:
-        return benchmark(args.benchmark)
+    if not (args.queries or args.check):
+        parser.error("give at least one query, or --check")
     if args.url:
         try:
             searcher = remote_searcher(args.url, max_chars=args.max_passage_chars)

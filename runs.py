@@ -145,6 +145,17 @@ def read_metrics(out):
     return records
 
 
+# What the training loop (memsearcher.grpo_run) relies on to make a resumed run the same run as one never
+# stopped: each step is evaluated once (an evaluation logged before a kill is not run again, since begin_run
+# kept the records up to the checkpoint), and saved once (a step whose checkpoint `latest` already names is
+# not written again). So the loop can ask for an evaluation and a save wherever they are due, and the final
+# evaluation of a run that had finished is found logged: the run is complete.
+
+def logged_evaluations(out):
+    """The evaluations that the run in `out` has logged in metrics.jsonl -> {step: metrics}."""
+    return {r["step"]: r["eval"] for r in read_metrics(out) if "eval" in r}
+
+
 def log_metrics(out, record):
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -197,7 +208,11 @@ def set_rng_states(states):
 
 def save_checkpoint(model, tokenizer, optimizer, step, out, rng=None):
     """out/checkpoint-NNNNNN (model, tokenizer, optimizer, RNG states: now's, or `rng`), then the `latest`
-    pointer; then older checkpoints go (never a later one)."""
+    pointer; then older checkpoints go (never a later one). A step that `latest` already names is not saved again:
+    it holds these very weights, and writing them again would only cost time (--small's checkpoint, AdamW's
+    state included, is about 6 GB). -> its path"""
+    if (out / "latest").exists() and (out / "latest").read_text().strip() == f"checkpoint-{step:06d}":
+        return out / f"checkpoint-{step:06d}"
     final = save_model(model, tokenizer, out / f"checkpoint-{step:06d}",
                        {"step": step, "optimizer": optimizer.state_dict(), "rng": rng or rng_states()})
     write_atomic(out / "latest", final.name)

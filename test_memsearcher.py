@@ -185,6 +185,64 @@ def test_rollout_keeps_sampled_ids_and_masks_exactly(tiny, searcher):
                 assert [c["mask"] for c in t["convs"]] == [[m for ids, m in parts for _ in ids]]
 
 
+@pytest.mark.slow
+def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
+    cfg, model, tokenizer, searcher = formatted
+    sampled = []                                             # every id list generate() hands back
+
+    def spy(*args, **kwargs):
+        out = ms.generate(*args, **kwargs)
+        sampled.extend(ids for ids, _, _ in out)
+        return out
+
+    questions = r.load_questions(cfg.test_file[0])[:12]
+    trajs = ms.rollout(model, tokenizer, searcher, questions, cfg, generate_fn=spy)
+    assert sampled
+    assert any(len(t["convs"]) >= 2 for t in trajs), "want multi-turn trajectories to check"
+    pieces = [tuple(ids) for ids in sampled]
+    for t in trajs:
+        memory = ""
+        for conv, turn in zip(t["convs"], t["turns"]):
+            ids, mask = conv["ids"], conv["mask"]
+            assert len(ids) == len(mask)
+            # the conversation starts from question + memory only (nothing from earlier turns)
+            prompt = ms.render_prompt(tokenizer, t["question"]["question"], memory)
+            assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
+            # mask = 1 runs are exactly sampled outputs; mask = 0 after the prompt is the retrieved passages
+            runs, i = [], len(prompt)
+            while i < len(ids):
+                j = i
+                while j < len(ids) and mask[j] == mask[i]:
+                    j += 1
+                runs.append((mask[i], ids[i:j]))
+                i = j
+            trained = [tuple(r) for m, r in runs if m]
+            assert all(r in pieces for r in trained)
+            injected = [r for m, r in runs if not m]
+            if "hits" in turn:
+                assert injected == [user_turn(tokenizer, turn["hits"], True)]
+            else:
+                assert injected == []
+            memory = turn.get("memory", memory)
+        assert t["stop"] in ms.STOP_REASONS
+
+
+@pytest.mark.slow
+def test_rollout_counts_every_stop_reason(formatted):
+    cfg, model, tokenizer, searcher = formatted
+    questions = r.load_questions(cfg.test_file[0])[:16]
+    short = tiny_config(cfg.output_dir, max_turns=2, max_new_tokens=12)
+    trajs = ms.rollout(model, tokenizer, searcher, questions, short)
+    stops = ms.summarize(trajs)["stops"]
+    assert sum(stops.values()) == len(questions)
+    assert "action_truncated" in stops or "memory_truncated" in stops    # 12 tokens cannot hold the format
+    for t in trajs:
+        assert len(t["turns"]) <= 2
+        assert (t["answer"] is not None) == (t["stop"] == "answered")
+
+
+# ------------------------------------------------------------------------------------------ generation ---
+
 def test_batched_generate_returns_the_sampled_ids_of_each_context_alone(tiny):
     """Left padding: a batch of contexts of different lengths gives each the ids it gets alone, and those are the
     model's own output ids (never decoded and encoded again)."""
@@ -271,62 +329,6 @@ def test_generate_ends_each_row_at_its_end_of_turn_through_hugging_face(tiny):
     finally:
         del model.generate
         model.generation_config.eos_token_id = end_ids
-
-
-@pytest.mark.slow
-def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
-    cfg, model, tokenizer, searcher = formatted
-    sampled = []                                             # every id list generate() hands back
-
-    def spy(*args, **kwargs):
-        out = ms.generate(*args, **kwargs)
-        sampled.extend(ids for ids, _, _ in out)
-        return out
-
-    questions = r.load_questions(cfg.test_file[0])[:12]
-    trajs = ms.rollout(model, tokenizer, searcher, questions, cfg, generate_fn=spy)
-    assert sampled
-    assert any(len(t["convs"]) >= 2 for t in trajs), "want multi-turn trajectories to check"
-    pieces = [tuple(ids) for ids in sampled]
-    for t in trajs:
-        memory = ""
-        for conv, turn in zip(t["convs"], t["turns"]):
-            ids, mask = conv["ids"], conv["mask"]
-            assert len(ids) == len(mask)
-            # the conversation starts from question + memory only (nothing from earlier turns)
-            prompt = ms.render_prompt(tokenizer, t["question"]["question"], memory)
-            assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
-            # mask = 1 runs are exactly sampled outputs; mask = 0 after the prompt is the retrieved passages
-            runs, i = [], len(prompt)
-            while i < len(ids):
-                j = i
-                while j < len(ids) and mask[j] == mask[i]:
-                    j += 1
-                runs.append((mask[i], ids[i:j]))
-                i = j
-            trained = [tuple(r) for m, r in runs if m]
-            assert all(r in pieces for r in trained)
-            injected = [r for m, r in runs if not m]
-            if "hits" in turn:
-                assert injected == [user_turn(tokenizer, turn["hits"], True)]
-            else:
-                assert injected == []
-            memory = turn.get("memory", memory)
-        assert t["stop"] in ms.STOP_REASONS
-
-
-@pytest.mark.slow
-def test_rollout_counts_every_stop_reason(formatted):
-    cfg, model, tokenizer, searcher = formatted
-    questions = r.load_questions(cfg.test_file[0])[:16]
-    short = tiny_config(cfg.output_dir, max_turns=2, max_new_tokens=12)
-    trajs = ms.rollout(model, tokenizer, searcher, questions, short)
-    stops = ms.summarize(trajs)["stops"]
-    assert sum(stops.values()) == len(questions)
-    assert "action_truncated" in stops or "memory_truncated" in stops    # 12 tokens cannot hold the format
-    for t in trajs:
-        assert len(t["turns"]) <= 2
-        assert (t["answer"] is not None) == (t["stop"] == "answered")
 
 
 # ---------------------------------------------------------------------------------------------- reward ---

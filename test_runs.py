@@ -342,6 +342,15 @@ def test_steps_0_evaluates_once(tmp_path):
     assert logged_steps(out) == ([], [0]) and (out / "latest").read_text().strip() == "checkpoint-000000"
 
 
+def test_a_step_is_saved_once(tmp_path, monkeypatch):
+    out, saved, real_save = tmp_path / "run", [], runs.save_model
+    monkeypatch.setattr(runs, "save_model", lambda model, tokenizer, final, state=None:
+                        saved.append(final.name) or real_save(model, tokenizer, final, state))
+    train(quick_config(out, steps=2, save_every=2))     # step 2's save is also the end of the run's
+    train(quick_config(out, steps=2, resume=True))      # a finished run, resumed: nothing new to save
+    assert saved == ["checkpoint-000002"] and (out / "latest").read_text().strip() == "checkpoint-000002"
+
+
 # ------------------------------------------------------------------------------- Ctrl-C, SIGTERM, failures ---
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

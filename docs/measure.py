@@ -5,6 +5,7 @@
     python docs/measure.py small-rehearsal
     python docs/measure.py logprob-memory
     python docs/measure.py sampler
+    python docs/measure.py bm25 10000 100000 1000000
     python docs/measure.py curves runs/tiny
 
 both-trained: MemSearcher and ReAct each warm-started (built once, then reused) and trained by the same GRPO
@@ -19,6 +20,7 @@ checkpoints, --resume, evaluation) with Qwen2.5's real tokenizer and a random Qw
 --layers; the time of each phase and each process's peak memory.
 logprob-memory: peak memory of chunked log-probs (memsearcher.token_logprobs) vs full logits, Qwen2.5's vocab.
 sampler: the time of one sampling step, memsearcher.SampleFromSoftmax vs torch.multinomial.
+bm25: retriever.py's BM25 index on synthetic corpora of N passages: build time, memory, query latency.
 curves: reward per step and greedy EM per evaluation of a run, from its metrics.jsonl, as a PNG.
 The PNGs need matplotlib (pip install matplotlib); nothing else does.
 """
@@ -31,10 +33,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # memsearcher.py and data/ live one up
 import memsearcher as ms                                             # noqa: E402
+import retriever                                                     # noqa: E402
 from data.warm_start import EXPERT_ANSWER, EXPERT_MEMORY, EXPERT_SEARCH, small_qwen2, warm_started  # noqa: E402
 
 
@@ -496,9 +500,75 @@ def small_rehearsal(out, layers):
     return report
 
 
+# -----------------------------------------------------------------------------------------------------------
+# BM25 at scale: retriever.py's in-memory index on synthetic corpora of N passages (build time, memory, query
+# latency), and rank_bm25 beside it up to 100k passages.
+
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def pseudo_word(i):
+    """A distinct pronounceable word per integer (its base-70 digits as syllables)."""
+    word = SYLLABLES[i % 70]
+    while i >= 70:
+        i //= 70
+        word += SYLLABLES[i % 70]
+    return word
+
+
+def synthetic_corpus(n, vocab_size=100_000, seed=0):
+    """n passages of 60-100 words drawn from a Zipf law (the r-th most common word has probability ~ 1/r, so the
+    top words occur in almost every passage), each titled with two rare words. Deterministic given seed."""
+    rng = np.random.default_rng(seed)
+    words = [pseudo_word(i) for i in range(vocab_size)]
+    p = 1.0 / np.arange(1, vocab_size + 1)
+    lengths = rng.integers(60, 101, size=n)
+    tokens = rng.choice(vocab_size, size=int(lengths.sum()), p=p / p.sum())
+    titles = rng.integers(vocab_size // 2, vocab_size, size=(n, 2)).tolist()
+    ends = np.cumsum(lengths).tolist()
+    return [{"id": str(i), "title": f"{words[a]} {words[b]}".title(),
+             "text": " ".join(map(words.__getitem__, tokens[end - size:end].tolist()))}
+            for i, ((a, b), end, size) in enumerate(zip(titles, ends, lengths.tolist()))]
+
+
+def rss_mb():
+    """Resident memory of this process now, in MB, from /proc (Linux only)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def bm25_at_scale(sizes, n_queries=100, seed=0):
+    """Per corpus size: the index's build time and memory, and the latency of one 6-word query (top 10)."""
+    for n in sizes:
+        docs = synthetic_corpus(n, seed=seed)
+        rng = np.random.default_rng(seed + 1)
+        queries = [" ".join(rng.choice(docs[i]["text"].split(), 6, replace=False))
+                   for i in rng.integers(0, n, n_queries)]
+        rss_before, start = rss_mb(), time.perf_counter()
+        index = retriever.build_index(docs, show_progress=False)
+        build_s = time.perf_counter() - start
+        arrays_mb = sum(a.nbytes for a in index[2:5]) / 2**20
+        latencies = []
+        for q in queries:
+            start = time.perf_counter()
+            retriever.search(index, [q], 10)
+            latencies.append(1000 * (time.perf_counter() - start))
+        print(f"{n:>9,} passages: build {build_s:6.1f} s, index arrays {arrays_mb:6.0f} MB "
+              f"(RSS +{rss_mb() - rss_before:.0f} MB, {len(index.vocab):,} terms), query "
+              f"mean {np.mean(latencies):.2f} ms, p95 {np.percentile(latencies, 95):.2f} ms", flush=True)
+        if n <= 100_000:                                 # rank_bm25 scores every passage in a Python loop
+            from rank_bm25 import BM25Okapi
+            bm25 = BM25Okapi([retriever.passage_tokens(doc) for doc in docs])
+            start = time.perf_counter()
+            for q in queries[:5]:
+                bm25.get_scores(retriever.tokenize(q))
+            print(f"{'':>19} rank_bm25 get_scores: {200 * (time.perf_counter() - start):.0f} ms/query")
+        del docs, index
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["compare", "both-trained", "small-rehearsal", "logprob-memory", "sampler", "curves"]
+    commands = ["compare", "both-trained", "small-rehearsal", "logprob-memory", "sampler", "bm25", "curves"]
     if not argv or argv[0] not in commands:
         raise SystemExit(__doc__.split("\n\n")[1] + f"\nusage: python docs/measure.py {{{','.join(commands)}}} ...")
     command, rest = argv[0], argv[1:]
@@ -529,6 +599,13 @@ def main(argv=None):
         logprob_memory(args.chunk, Path(args.output))
     elif command == "sampler":
         sampler_speed()
+    elif command == "bm25":
+        parser = argparse.ArgumentParser(prog="docs/measure.py bm25")
+        parser.add_argument("sizes", type=int, nargs="+", metavar="N", help="passages in a synthetic corpus")
+        args = parser.parse_args(rest)
+        if min(args.sizes) < 1:
+            parser.error(f"every N must be at least 1 (got {min(args.sizes)})")
+        bm25_at_scale(args.sizes)
     else:
         if len(rest) != 1 or not (Path(rest[0]) / "metrics.jsonl").is_file():
             raise SystemExit("usage: python docs/measure.py curves RUN_FOLDER (a folder with a metrics.jsonl)")
