@@ -391,7 +391,7 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
         outs = generate_fn(model, tokenizer, [t["convs"][-1]["ids"] for t in live], cfg.max_new_tokens, greedy,
                            cfg.temperature)
         searching = []
-        for t, (ids, text, ended) in zip(live, outs):
+        for t, (ids, text, ended) in zip(live, outs):                   # ended: not cut by --max-new-tokens
             extend_conversation(t["convs"][-1], ids, True)
             t["processed_tokens"] += len(t["convs"][-1]["ids"])      # what this generate call attended over
             t["context_tokens"].append(len(t["convs"][-1]["ids"]))
@@ -488,11 +488,11 @@ def generate(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0
     for i, c in enumerate(contexts):                        # left padding: every row ends where sampling starts
         input_ids[i, width - len(c):] = torch.tensor(c)
         attention[i, width - len(c):] = 1
-    with autocast(device):
+    with autocast(device):                                  # greedy decoding; sampling is the sampler's draw
         sampler = None if greedy else LogitsProcessorList([SampleFromSoftmax(temperature)])
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                              do_sample=False, logits_processor=sampler, max_new_tokens=max_new_tokens)
-    end_ids = set(model.generation_config.eos_token_id)
+    end_ids = set(model.generation_config.eos_token_id)     # load_policy's: the end of turn among them
     results = []
     for ids in out[:, width:].tolist():                     # a row that ended early is padded after its end id
         end = next((i for i, token in enumerate(ids) if token in end_ids), None)
@@ -603,7 +603,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, n_tokens, clip_eps, dual_clip
     per_token = pg
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
-        # k3 estimator of KL(pi || pi_ref), unbiased and always >= 0: exp(d) - d - 1 with d = log pi_ref - log pi
+        # k3 estimator of KL(pi || pi_ref), always >= 0 and unbiased for tokens sampled from pi (here from the
+        # rollout policy, which pi equals at the first update): exp(d) - d - 1 with d = log pi_ref - log pi
         # (http://joschu.net/blog/kl-approx.html)
         d = ref_logp - logp                                                 # [B, T]
         kl = torch.exp(d) - d - 1                                           # [B, T]
@@ -861,7 +862,7 @@ def train_and_evaluate(cfg, initial_policy):
     """The whole run: GRPO from `initial_policy` (also the KL reference), with an evaluation before, every
     --eval-every steps and after, a checkpoint every --save-every steps and at the end. `initial_policy` is a
     folder or a hub id, or a function that builds one (the tiny model's warm start, another's cold start: minutes),
-    called once every check of the run folder and the data has passed."""
+    called only after every check of the run folder and the data has passed."""
     out, start, lock = open_run(cfg)                       # every check of the run folder, before any work
     with lock:                                             # one run in the folder until this one ends or fails
         return grpo_run(cfg, initial_policy, out, start)
@@ -882,7 +883,7 @@ def grpo_run(cfg, initial_policy, out, start):
         ref_model, _ = load_policy(initial_policy, device)     # the frozen policy GRPO started from
         ref_model.requires_grad_(False).eval()
         if device.type == "cuda":
-            ref_model.to(torch.bfloat16)
+            ref_model.to(torch.bfloat16)                       # forward passes only: no master weights needed
     if device.type == "cuda":
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

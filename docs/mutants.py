@@ -70,8 +70,8 @@ MUTANTS = [
      [('                    extend_conversation(t["convs"][-1], ids, True)',
        '                    extend_conversation(t["convs"][-1], ids, False)')]),
     ("sampled action ids decoded and encoded again",
-     [('zip(live, outs):\n            extend_conversation(t["convs"][-1], ids, True)',
-       'zip(live, outs):\n            extend_conversation(t["convs"][-1], '
+     [('# ended: not cut by --max-new-tokens\n            extend_conversation(t["convs"][-1], ids, True)',
+       '# ended: not cut by --max-new-tokens\n            extend_conversation(t["convs"][-1], '
        'tokenizer(text, add_special_tokens=False).input_ids, True)')]),
     ("EOS dropped from the sampled ids",
      [("ids = ids if end is None else ids[:end + 1]", "ids = ids if end is None else ids[:end]")]),
