@@ -11,10 +11,10 @@ question, scores each one by exact match (or by the official code's token F1: --
 rewards within the group, and applies a trajectory's advantage to every token the model sampled in every one of
 its conversations.
 
-Read it top to bottom, in the paper's order: config -> prompt and parsing -> the memory-updating rollout ->
-the reward -> multi-context GRPO (advantages, rows, loss, log-probs, update) -> one GRPO step ->
-the training loop (evaluation, checkpoints) -> main. After main, an appendix of plumbing: loading the data,
-printing, the command line.
+Read it top to bottom, in the paper's order: config -> prompt and parsing -> the memory-updating rollout (then
+the batched generation under it) -> the reward -> multi-context GRPO (advantages, rows, loss, log-probs, update)
+-> one GRPO step -> the training loop (evaluate, step, log, save) -> main. After main, an appendix of plumbing:
+loading the data, printing, the command line.
 
     python memsearcher.py           # --small when a CUDA GPU is present, --tiny otherwise
     python memsearcher.py --small   # Qwen2.5-0.5B-Instruct from the hub, cold-started, full finetuning on one GPU
