@@ -377,6 +377,22 @@ def test_a_stop_saves_the_steps_done_and_the_resumed_run_is_the_same_run(tmp_pat
     assert {s: signal.getsignal(s) for s in handlers} == handlers                # the handlers are put back
 
 
+def test_a_retrieval_failure_in_the_step_0_evaluation_saves_and_resumes(tmp_path, monkeypatch):
+    out, real_rollout = tmp_path / "run", ms.rollout
+
+    def failing(*args, **kwargs):
+        if kwargs.get("greedy"):
+            raise r.RetrievalError("retrieval server http://x/retrieve failed after 4 attempts")
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(ms, "rollout", failing)
+    with pytest.raises(SystemExit, match=r"saved .*checkpoint-000000 after 0 steps. When the server is back"):
+        train(quick_config(out, steps=2))
+    monkeypatch.setattr(ms, "rollout", real_rollout)
+    train(quick_config(out, steps=2, resume=True))
+    assert logged_steps(out) == ([1, 2], [0, 2])
+
+
 def test_a_retrieval_failure_in_an_evaluation_keeps_the_step_taken(tmp_path, monkeypatch, learning, reference_runs):
     """The evaluation after step 2 fails: the checkpoint holds step 2 with the random state after it, so the
     resumed run evaluates at step 2 and goes on as the uninterrupted run."""
