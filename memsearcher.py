@@ -903,7 +903,8 @@ def grpo_run(cfg, initial_policy, out, start):
             metrics, trajs = evaluate(model, tokenizer, search, test_qs, cfg)
             log_metrics(out, {"step": step, "eval": metrics, "eval_s": round(time.time() - t0, 1)})
             tqdm.write(format_eval(step, metrics, per_benchmark=len(cfg.test_file) > 1))
-            logged[step], evaluations[step] = metrics, (metrics, trajs)
+            logged[step] = metrics
+            evaluations[step] = metrics, trajs
         return logged[step]
 
     with stop_requests() as stop:                          # Ctrl-C, SIGTERM: finish the step, save, say how to go on

@@ -209,8 +209,8 @@ def set_rng_states(states):
 def save_checkpoint(model, tokenizer, optimizer, step, out, rng=None):
     """out/checkpoint-NNNNNN (model, tokenizer, optimizer, RNG states: now's, or `rng`), then the `latest`
     pointer; then older checkpoints go (never a later one). A step that `latest` already names is not saved again:
-    it holds these very weights, and writing them again would only cost time (--small's checkpoint, AdamW's
-    state included, is about 6 GB). -> its path"""
+    it holds these very weights, and writing them again would only cost time (--small's checkpoint is about 6 GB:
+    0.5B fp32 weights and AdamW's two moments). -> its path"""
     if (out / "latest").exists() and (out / "latest").read_text().strip() == f"checkpoint-{step:06d}":
         return out / f"checkpoint-{step:06d}"
     final = save_model(model, tokenizer, out / f"checkpoint-{step:06d}",

@@ -377,7 +377,8 @@ def test_a_stop_saves_the_steps_done_and_the_resumed_run_is_the_same_run(tmp_pat
     assert {s: signal.getsignal(s) for s in handlers} == handlers                # the handlers are put back
 
 
-def test_a_retrieval_failure_in_the_step_0_evaluation_saves_and_resumes(tmp_path, monkeypatch):
+def test_a_retrieval_failure_in_the_step_0_evaluation_saves_and_resumes(tmp_path, monkeypatch, learning,
+                                                                       reference_runs):
     out, real_rollout = tmp_path / "run", ms.rollout
 
     def failing(*args, **kwargs):
@@ -391,6 +392,7 @@ def test_a_retrieval_failure_in_the_step_0_evaluation_saves_and_resumes(tmp_path
     monkeypatch.setattr(ms, "rollout", real_rollout)
     train(quick_config(out, steps=2, resume=True))
     assert logged_steps(out) == ([1, 2], [0, 2])
+    assert_same_run(out, reference_runs(2))
 
 
 def test_a_retrieval_failure_in_an_evaluation_keeps_the_step_taken(tmp_path, monkeypatch, learning, reference_runs):
