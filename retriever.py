@@ -21,6 +21,14 @@ There are two searchers:
   within the timeout, or not what the API promises, is a failed request:
   retried with back-off, then a `RetrievalError`.
 
+`python retriever.py --serve` is such a server for the local BM25 index, so
+that processes that would each build and hold the same index (the ranks of a
+torchrun, the laptops of a workshop room) share one: build it once, point
+`remote_searcher` (memsearcher.py's --retriever-url) at it. Its hits are
+`local_searcher`'s, scores included, down to the last bit: JSON carries
+floats exactly. It checks every request and answers a bad one with a 4xx
+and a JSON {"error": what to fix}, which `remote_searcher` does not retry.
+
 Both cut a hit's text longer than `max_chars` (20,000 characters by default,
 far above real passages) so that one broken passage cannot flood the model's
 context; such a hit gets "truncated": True and the cut is reported on stderr.
@@ -48,21 +56,26 @@ keeps rank_bm25 around to check that (`python retriever.py --check`).
 
 Run `python retriever.py "where was Treikar Komers born" -k 3` to query
 data/corpus.jsonl; `python docs/measure.py bm25 10000 100000` times it on
-synthetic data.
+synthetic data. `python retriever.py --serve --port 8000` serves it at
+http://127.0.0.1:8000/retrieve until Ctrl-C or SIGTERM (--host 0.0.0.0 to
+let other machines in; --port 0 picks a free port and prints it).
 """
 
 import argparse
 import codecs
 import contextlib
 import http.client
+import http.server
 import itertools
 import json
 import math
 import re
+import signal
 import socket
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from collections import defaultdict
 from pathlib import Path
@@ -528,6 +541,155 @@ def remote_searcher(url: str, timeout: float = 30, retries: int = 3, backoff: fl
     return searcher
 
 
+# ------------------------------------------------------- retrieval server ---
+
+MAX_TOPK = 100                 # Search-R1 asks for 3; a cap keeps one request from asking for the whole corpus
+MAX_BODY_BYTES = 1_000_000     # thousands of queries: far above a turn's batch, far below a memory problem
+MAX_DRAIN_BYTES = 64_000_000   # see RetrievalHandler.read_body
+EXAMPLE_REQUEST = '{"queries": ["where was Treikar Komers born"], "topk": 3, "return_scores": true}'
+
+
+def answer_request(index: BM25Index, body: bytes) -> tuple[int, dict]:
+    """One POST /retrieve body -> (HTTP status, JSON answer), the whole protocol without sockets: Search-R1's
+    {"queries": [str, ...], "topk": int, "return_scores": bool = false} -> {"result": one list per query of
+    {"document": {"id", "contents"}, "score"}, or of bare {"id", "contents"} without scores}. Contents are
+    FlashRAG's "Title\\ntext" again. A bad request is (400, {"error": what to fix})."""
+    def refuse(problem):
+        return 400, {"error": f"{problem}; send e.g. {EXAMPLE_REQUEST}"}
+
+    try:
+        request = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return refuse(f"the body is not UTF-8 ({e})")
+    except json.JSONDecodeError as e:
+        return refuse(f"the body is not JSON ({e})")
+    except RecursionError:  # e.g. a million "["
+        return refuse("the body is JSON nested too deeply to read")
+    if not isinstance(request, dict):
+        return refuse(f"the body must be a JSON object, got {type(request).__name__}")
+    queries = request.get("queries")
+    if not isinstance(queries, list) or not all(isinstance(query, str) for query in queries):
+        return refuse(f"\"queries\" must be a list of strings, got {json.dumps(queries)[:100]}")
+    topk = request.get("topk")
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= MAX_TOPK:
+        return refuse(f"\"topk\" must be an integer from 1 to {MAX_TOPK}, got {json.dumps(topk)[:100]}")
+    with_scores = request.get("return_scores", False)
+    if not isinstance(with_scores, bool):
+        return refuse(f"\"return_scores\" must be true or false, got {json.dumps(with_scores)[:100]}")
+
+    def as_sent(hit):
+        document = {"id": hit["id"], "contents": f"{hit['title']}\n{hit['text']}"}
+        return {"document": document, "score": hit["score"]} if with_scores else document
+    return 200, {"result": [[as_sent(hit) for hit in hits] for hits in search(index, queries, topk)]}
+
+
+class RetrievalHandler(http.server.BaseHTTPRequestHandler):
+    """The HTTP around answer_request: method, path and body size, every answer JSON. It logs nothing: a
+    line per request would bury the terminal under a training run's thousands."""
+    timeout = 60  # seconds a silent client may hold its thread
+
+    def do_POST(self):
+        body = self.read_body()
+        if body is None:
+            return
+        if urllib.parse.urlsplit(self.path).path != "/retrieve":
+            return self.reply(404, {"error": f"no such path {self.path!r}; POST to /retrieve"})
+        try:
+            status, answer = answer_request(self.server.index, body)
+        except Exception as e:  # our bug, not the request's: keep serving, say so, and let the client retry
+            traceback.print_exc()
+            status, answer = 500, {"error": f"the server failed: {e!r}"}
+        self.reply(status, answer)
+
+    def do_GET(self):  # a browser pointed at the server learns what it is
+        if urllib.parse.urlsplit(self.path).path != "/":
+            return self.not_post()
+        self.reply(200, {"service": f"BM25 over {len(self.server.index.docs):,} passages, Search-R1's protocol",
+                         "usage": f"POST /retrieve with {EXAMPLE_REQUEST}"})
+
+    def not_post(self):
+        if urllib.parse.urlsplit(self.path).path == "/retrieve":
+            return self.reply(405, {"error": f"use POST for /retrieve, not {self.command}"}, Allow="POST")
+        self.reply(404, {"error": f"no such path {self.path!r}; POST to /retrieve"})
+
+    do_HEAD = do_GET
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = not_post
+
+    def read_body(self) -> bytes | None:
+        """The request's body, or None once a 4xx has said why not. A body over the cap is read and dropped
+        before the 413 (up to MAX_DRAIN_BYTES): closing a socket with unread data resets the connection, and
+        the client, still sending, would see a connection error instead of the reason."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.reply(411, {"error": "send a Content-Length header (chunked bodies are not supported)"})
+            return None
+        digits = length.strip()
+        if not re.fullmatch(r"[0-9]+", digits):
+            self.reply(400, {"error": f"Content-Length must be a number of bytes, got {length[:100]!r}"})
+            return None
+        size = int(digits) if len(digits) < 19 else MAX_DRAIN_BYTES + 1  # int() refuses 4,301 digits
+        if size > MAX_BODY_BYTES:
+            left = size if size <= MAX_DRAIN_BYTES else 0
+            while left > 0 and (chunk := self.rfile.read(min(left, 65536))):
+                left -= len(chunk)
+            self.reply(413, {"error": f"the body is over the server's cap of {MAX_BODY_BYTES:,} bytes "
+                                      f"(Content-Length: {digits[:30]}); send fewer queries per request"})
+            return None
+        return self.rfile.read(size)
+
+    def reply(self, status: int, answer: dict, **headers) -> None:
+        body = json.dumps(answer).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): no one to answer
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line, an unknown method...) in JSON too."""
+        self.close_connection = True
+        self.reply(code, {"error": message or explain or http.HTTPStatus(code).phrase})
+
+    def log_message(self, format, *args):
+        pass
+
+
+class RetrievalServer(http.server.ThreadingHTTPServer):
+    """One thread per request, which all read the one index and never write it."""
+    # Connections the kernel holds until we accept them. With the default 5, a burst of 64 ranks asking at once
+    # loses some: a client waits a second for its connection to be retried, or is reset.
+    request_queue_size = 128
+
+
+def make_server(index: BM25Index, host: str = "127.0.0.1", port: int = 8000) -> RetrievalServer:
+    """A server of `index` listening on host:port (port 0: a free one, in server.server_address), not serving
+    yet: serve_forever() serves, shutdown() from another thread stops it."""
+    server = RetrievalServer((host, port), RetrievalHandler)
+    server.index = index
+    return server
+
+
+def serve_until_stopped(server: RetrievalServer, what: str) -> None:
+    """Print "<what> at <URL>" on stdout, flushed (whoever started us may be waiting for it), then serve until
+    Ctrl-C or SIGTERM, which end it quietly: a stop is how a server's run ends, not an error."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raise KeyboardInterrupt, as Ctrl-C does
+    host, port = server.server_address[:2]
+    everywhere = " (all interfaces: other machines use this machine's address)" if host == "0.0.0.0" else ""
+    try:
+        print(f"{what} at http://{host}:{port}/retrieve{everywhere}", flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def check(index: BM25Index, queries: list[str], k: int) -> None:
     """Compare our scores and top-k with rank_bm25 on the loaded corpus."""
     for query, ref in zip(queries, reference_scores(index.docs, queries)):
@@ -545,6 +707,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    """argparse type for --port: 0 (any free port) to 65535."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line; argv defaults to sys.argv[1:]. Bad input (flags, a
     missing or broken corpus, a failing server) ends it with one line on
@@ -558,9 +728,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-passage-chars", type=positive_int, default=MAX_PASSAGE_CHARS,
                         help="cut longer passage texts to this many characters (and say so)")
     parser.add_argument("--check", action="store_true", help="compare scores with rank_bm25")
+    parser.add_argument("--serve", action="store_true",
+                        help="serve the corpus's BM25 index over HTTP (Search-R1's POST /retrieve) until Ctrl-C")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="--serve's address: 127.0.0.1 for this machine only, 0.0.0.0 for the network")
+    parser.add_argument("--port", type=port_number, default=8000, help="--serve's port (0: any free one)")
     args = parser.parse_args(argv)
-    if not (args.queries or args.check):
-        parser.error("give at least one query, or --check")
+    if args.serve and (args.queries or args.url or args.check):
+        parser.error("--serve takes no queries, --url or --check")
+    if not (args.queries or args.check or args.serve):
+        parser.error("give at least one query, --check or --serve")
     if args.url:
         try:
             searcher = remote_searcher(args.url, max_chars=args.max_passage_chars)
@@ -576,6 +753,12 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as e:  # missing file, bad line "path:line: ..."
             parser.exit(1, f"{parser.prog}: {e} (--corpus)\n")
         index = build_index(docs)
+        if args.serve:
+            try:
+                server = make_server(index, args.host, args.port)
+            except OSError as e:  # port taken, unknown host
+                parser.exit(1, f"{parser.prog}: cannot listen on {args.host}:{args.port}: {e} (--host, --port)\n")
+            return serve_until_stopped(server, f"serving {args.corpus} ({len(index.docs):,} passages)")
         if args.check:
             sample = [f"{d['title']} {d['text']}"[:60] for d in index.docs[:5]]
             return check(index, args.queries or sample, args.k)

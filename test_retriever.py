@@ -1,19 +1,27 @@
 """Tests for retriever.py: the FlashRAG readers, BM25 against rank_bm25, the retrieval-server client against a
-local server, and the command line. Offline, on the CPU.
+scripted server and against retriever.py's own (`--serve`), and the command line. Offline, on the CPU.
 
     python -m pytest -q test_retriever.py
 """
+import http.client
 import http.server
 import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
 import threading
 import time
-from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
 import retriever as r
+from conftest import search_r1_answer, serve
 
 # ------------------------------------------------------------------ corpus ---
 
@@ -233,53 +241,6 @@ def test_local_searcher_cuts_a_huge_passage_and_says_so_once(tmp_path, capsys):
 
 # ---------------------------------------------------------- remote server ---
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Answers POSTs with whatever server.plan(request, n) returns:
-    (status, JSON-able answer or raw bytes, seconds to sleep first), and
-    optionally seconds to wait between bytes: the whole answer, status line
-    first, then trickles out a byte at a time."""
-
-    def do_POST(self):
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(request)
-        status, answer, delay, *trickle = self.server.plan(request, len(self.server.requests))
-        time.sleep(delay)
-        body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
-        if trickle:
-            raw = f"HTTP/1.0 {status} OK\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-            for i in range(len(raw)):  # ends when the client hangs up (a write error) or the answer is out
-                self.wfile.write(raw[i:i + 1])
-                time.sleep(trickle[0])
-            return
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@contextmanager
-def serve(plan):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.block_on_close = False               # don't wait for sleeping handlers
-    server.handle_error = lambda *args: None    # client hung up on a slow handler
-    server.requests, server.plan = [], plan
-    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()  # fast shutdown
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/retrieve", server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def search_r1_answer(request):
-    return {"result": [[{"document": {"id": f"{q}-{j}", "contents": f"Title {q}\ntext {j}"},
-                         "score": 10.0 - j} for j in range(request["topk"])]
-                       for q in request["queries"]]}
-
-
 def test_remote_one_request_per_batch():
     with serve(lambda req, n: (200, search_r1_answer(req), 0)) as (url, server):
         results = r.remote_searcher(url, retries=0)(["a", "b", "c"], 2)
@@ -410,6 +371,187 @@ def test_remote_malformed_answer(answer):
     with serve(lambda req, n: (200, answer, 0)) as (url, _), \
             pytest.raises(RuntimeError, match="expected|non-JSON"):
         r.remote_searcher(url, retries=0)(["a", "b"], 1)
+
+
+# ------------------------------------------------ remote server: retriever.py --serve ---
+
+CORPUS = Path(__file__).parent / "data" / "corpus.jsonl"
+
+
+def test_server_gives_exactly_the_local_searchers_hits(bm25_server):
+    url, _ = bm25_server
+    queries = ["where was Treikar Komers born", "chemist near Guthmere", "farmer", "qqqunknown zzz",
+               "Treikar Komers"]
+    remote = r.remote_searcher(url, retries=0)(queries, 5)
+    assert remote == r.local_searcher(CORPUS, show_progress=False)(queries, 5)   # ids, titles, texts, scores
+    assert remote[3] == [] and all(len(hits) == 5 for i, hits in enumerate(remote) if i != 3)
+    assert remote[0][0]["title"] == "Treikar Komers" and remote[0][0]["text"] == "Treikar Komers was born in Bruthholt."
+
+
+def test_server_sends_flashrag_contents_and_scores_only_when_asked(bm25_server):
+    _, port = bm25_server
+    corpus = {row["id"]: row["contents"] for row in map(json.loads, CORPUS.read_text().splitlines())}
+    request = {"queries": ["where was Treikar Komers born", "qqqunknown"], "topk": 2}
+    status, bare = post(port, json.dumps(request).encode())                     # return_scores: false by default
+    assert status == 200 and [len(hits) for hits in bare["result"]] == [2, 0]
+    assert all(set(hit) == {"id", "contents"} and hit["contents"] == corpus[hit["id"]] for hit in bare["result"][0])
+    status, scored = post(port, json.dumps({**request, "return_scores": True}).encode())
+    assert [hit["document"] for hit in scored["result"][0]] == bare["result"][0]
+    assert all(set(hit) == {"document", "score"} and isinstance(hit["score"], float) for hit in scored["result"][0])
+
+
+def post(port, body, method="POST", path="/retrieve", headers=None):
+    """One request through http.client, with exactly the headers given (Content-Length by default):
+    (status, decoded JSON answer)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in ({"Content-Length": str(len(body))} if headers is None else headers).items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        assert response.getheader("Content-Type") == "application/json"
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+GOOD_REQUEST = {"queries": ["Treikar Komers"], "topk": 1}
+TREIKAR = "Treikar Komers\nTreikar Komers was born in Bruthholt."        # its best hit's contents
+
+
+def body_of(**changes):
+    return json.dumps({key: value for key, value in {**GOOD_REQUEST, **changes}.items() if value != "DROP"}).encode()
+
+
+@pytest.mark.parametrize("args, status, message", [
+    ((b"\xff\xfe{}",), 400, "the body is not UTF-8"),
+    ((b"{queries",), 400, "the body is not JSON"),
+    ((b"[" * 100_000,), 400, "nested too deeply"),
+    ((b'["queries"]',), 400, "the body must be a JSON object, got list"),
+    ((body_of(queries="DROP"),), 400, '"queries" must be a list of strings, got null'),
+    ((body_of(queries="one string"),), 400, '"queries" must be a list of strings, got "one string"'),
+    ((body_of(queries=["a", 1]),), 400, '"queries" must be a list of strings'),
+    ((body_of(topk="DROP"),), 400, '"topk" must be an integer from 1 to 100, got null'),
+    ((body_of(topk=0),), 400, '"topk" must be an integer from 1 to 100, got 0'),
+    ((body_of(topk=-1),), 400, '"topk" must be an integer from 1 to 100, got -1'),
+    ((body_of(topk=101),), 400, '"topk" must be an integer from 1 to 100, got 101'),
+    ((body_of(topk=2.0),), 400, '"topk" must be an integer from 1 to 100, got 2.0'),
+    ((body_of(topk="3"),), 400, '"topk" must be an integer from 1 to 100, got "3"'),
+    ((body_of(topk=True),), 400, '"topk" must be an integer from 1 to 100, got true'),
+    ((body_of(return_scores="yes"),), 400, '"return_scores" must be true or false, got "yes"'),
+    ((body_of(return_scores=1),), 400, '"return_scores" must be true or false, got 1'),
+    # Without a body where the server reads none: closing on unread bytes may reset the connection.
+    ((b"", "POST", "/retrieve", {}), 411, "send a Content-Length header"),
+    ((b"", "POST", "/retrieve", {"Content-Length": "many"}), 400, "Content-Length must be a number"),
+    ((b"", "POST", "/retrieve", {"Content-Length": "-5"}), 400, "Content-Length must be a number"),
+    ((b" " * 1_000_001,), 413, "over the server's cap of 1,000,000 bytes (Content-Length: 1000001)"),
+    ((b"", "POST", "/retrieve", {"Content-Length": "9" * 5000}), 413, "cap of 1,000,000 bytes"),  # not drained
+    ((body_of(), "POST", "/search"), 404, "no such path '/search'; POST to /retrieve"),
+    ((b"", "GET", "/search"), 404, "no such path '/search'"),
+    ((b"", "GET"), 405, "use POST for /retrieve, not GET"),
+    ((b"", "PUT"), 405, "use POST for /retrieve, not PUT"),
+    ((b"", "BREW"), 501, "Unsupported method ('BREW')"),
+])
+def test_server_refuses_a_bad_request_with_a_4xx_that_says_why_and_goes_on(bm25_server, args, status, message):
+    _, port = bm25_server
+    answer_status, answer = post(port, *args)
+    assert (answer_status, set(answer)) == (status, {"error"}) and message in answer["error"]
+    if status == 400 and "Content-Length" not in message:                    # how to do it right, too
+        assert answer["error"].endswith(f"; send e.g. {r.EXAMPLE_REQUEST}")
+    assert post(port, body_of()) == (200, {"result": [[{"id": "d00932", "contents": TREIKAR}]]})  # still serving
+
+
+def test_server_takes_a_burst_of_64_clients_at_once(bm25_server):
+    """All the ranks of a run may ask at the same moment: none may wait for a dropped connection's retry (1 s)."""
+    url, _ = bm25_server
+    searcher, seconds = r.remote_searcher(url, retries=0), []
+
+    def ask():
+        start = time.perf_counter()
+        if searcher(["where was Treikar Komers born"] * 8, 3)[0][0]["id"] == "d00932":
+            seconds.append(time.perf_counter() - start)
+    clients = [threading.Thread(target=ask) for _ in range(64)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join()
+    assert len(seconds) == 64 and max(seconds) < 0.9
+
+
+def test_server_answers_its_own_failure_with_a_500_and_goes_on(bm25_server, monkeypatch, capsys):
+    _, port = bm25_server
+
+    def broken(*args):
+        raise MemoryError("out of memory")
+    monkeypatch.setattr(r, "search", broken)
+    assert post(port, body_of()) == (500, {"error": "the server failed: MemoryError('out of memory')"})
+    assert "Traceback" in capsys.readouterr().err                             # for whoever runs the server
+    monkeypatch.undo()
+    assert post(port, body_of()) == (200, {"result": [[{"id": "d00932", "contents": TREIKAR}]]})
+
+
+TINY = [{"id": "1", "title": "Paris", "text": "capital of France"}, {"id": "2", "title": "", "text": "no title"}]
+
+
+def test_answer_request_is_the_protocol_without_sockets():
+    index = r.build_index(TINY, show_progress=False)
+    paris, untitled = {"id": "1", "contents": "Paris\ncapital of France"}, {"id": "2", "contents": "\nno title"}
+    assert r.answer_request(index, b'{"queries": ["france", "title", "oslo"], "topk": 3}') == \
+        (200, {"result": [[paris], [untitled], []]})
+    status, answer = r.answer_request(index, b'{"queries": ["france"], "topk": 0}')
+    assert status == 400 and answer["error"].startswith('"topk" must be an integer from 1 to 100, got 0; send e.g. ')
+
+
+def test_server_describes_itself_on_get():
+    server = r.make_server(r.build_index(TINY, show_progress=False), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    try:
+        status, answer = post(server.server_address[1], b"", "GET", "/")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200 and answer["service"].startswith("BM25 over 2 passages")
+    assert r.EXAMPLE_REQUEST in answer["usage"]
+
+
+def test_serve_command_line_prints_its_url_answers_and_stops_on_sigterm():
+    process = subprocess.Popen([sys.executable, "retriever.py", "--serve", "--port", "0", "--corpus",
+                                "data/corpus.jsonl"], cwd=CORPUS.parent.parent, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})  # it flushes
+    try:
+        assert select.select([process.stdout], [], [], 30)[0], "no line on stdout within 30 s"
+        line = process.stdout.readline()
+        match = re.fullmatch(r"serving data/corpus.jsonl \(3,170 passages\) at (http://127\.0\.0\.1:\d+/retrieve)\n",
+                             line)
+        assert match, line
+        [hit] = r.remote_searcher(match[1], retries=0)(["where was Treikar Komers born"], 1)[0]
+        assert (hit["id"], hit["title"]) == ("d00932", "Treikar Komers")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=5) == 0                                   # a stop is not a failure
+        assert process.stdout.read() == "" and process.stderr.read() == ""     # no traceback, no log
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_serve_command_line_refuses_queries_and_a_taken_port(bm25_server, capsys, monkeypatch):
+    monkeypatch.setattr(r, "serve_until_stopped", lambda *args: pytest.fail("it serves (until killed)"))
+    for argv, message in [(["--serve", "a query"], "--serve takes no queries, --url or --check"),
+                          (["--serve", "--port", "70000"], "argument --port: must be from 0 to 65535, got 70000")]:
+        with pytest.raises(SystemExit) as error:
+            r.main(argv)
+        assert error.value.code == 2 and message in capsys.readouterr().err
+    _, port = bm25_server
+    with pytest.raises(SystemExit) as error:
+        r.main(["--serve", "--port", str(port), "--corpus", str(CORPUS)])
+    assert error.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"retriever.py: cannot listen on 127.0.0.1:{port}: ") and err.endswith(" (--host, --port)\n")
 
 
 # -------------------------------------------------------------- rendering ---
