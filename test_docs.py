@@ -13,7 +13,7 @@ import pytest
 import docs.measure as measure
 import memsearcher as ms
 import runs
-from conftest import ROOT, run_cli
+from conftest import ROOT, parse_args, run_cli
 
 
 def test_every_broken_variant_in_docs_mutants_applies_to_the_current_code():
@@ -101,7 +101,7 @@ def test_the_workshop_runs_on_the_current_code():
     commands = re.findall(r"^ {4}python memsearcher\.py (.*)$", text, flags=re.M)
     assert len(commands) >= 6
     for command in commands:
-        ms.parse_args(shlex.split(command))                  # refuses unknown or bad flags with SystemExit
+        parse_args(shlex.split(command))                  # refuses unknown or bad flags with SystemExit
     for name in re.findall(r"`(\w+)\(\)`", text):
         assert hasattr(ms, name), f"WORKSHOP.md names {name}(), which memsearcher.py does not have"
     source = (ROOT / "memsearcher.py").read_text()

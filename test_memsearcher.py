@@ -24,15 +24,15 @@ import torch
 from transformers import GenerationConfig
 
 import data.warm_start as warm
-import docs.measure as measure
 import memsearcher as ms
 import retriever as r
 import runs
-from conftest import ROOT, parity_reward, quick_config, run_cli, tiny_config, train, weights
-from test_retriever import search_r1_answer, serve
+from data.qwen_tokenizer import qwen25_05b_shaped
+from conftest import (ROOT, parity_reward, parse_args, quick_config, search_r1_answer, serve, tiny_config, train,
+                      weights)
 
 
-# ---------------------------------------------------------------------------------------------- prompt ---
+# ----------------------------------------------------------------------------------------------------- prompt ---
 
 def test_prompt_holds_question_and_memory_only(tiny):
     _, _, tokenizer = tiny
@@ -55,7 +55,29 @@ def test_each_turn_starts_from_the_question_and_its_memory_alone(tiny, searcher)
             assert turn["memory_before"] == (t["turns"][i - 1]["memory"] if i else "")
 
 
-# --------------------------------------------------------------------------------------------- parsing ---
+def test_information_is_cut_to_its_token_budget_and_the_first_cut_reported(tiny, searcher, monkeypatch, capsys):
+    cfg, model, tokenizer = tiny
+    monkeypatch.setattr(ms, "information_cut_reported", False)
+    questions = r.load_questions(cfg.test_file[0])[:4]
+    small = tiny_config(cfg.output_dir, top_k=5, max_information_tokens=50)
+    trajs = ms.rollout(model, tokenizer, searcher, questions, small, greedy=True, max_turns=3,
+                       generate_fn=warm.scripted_policy(questions, 2))
+    end = tokenizer("\n</information>\n", add_special_tokens=False).input_ids
+    for conv in [c for t in trajs for c in t["convs"][:2]]:               # each of these turns searched
+        runs_of_mask = [list(g) for _, g in itertools.groupby(zip(conv["ids"], conv["mask"]), key=lambda x: x[1])]
+        user_turn = [i for i, _ in runs_of_mask[2]]                      # prompt, action, then the user turn
+        user_open = ms.turn_markers(tokenizer)[1]
+        information = user_turn[len(user_open):len(user_open) + 50]
+        assert user_turn[:len(user_open)] == user_open and information[-len(end):] == end
+        assert tokenizer.decode(information).startswith("<information>")
+        assert tokenizer.decode(user_turn[len(user_open) + 50:]).startswith(ms.MEMORY_INSTRUCTION)
+    assert capsys.readouterr().err.count("cut to 50 (--max-information-tokens)") == 1
+    hits = searcher(["Ilvo Marsk"], 2)[0]                                # under the budget: as it always was
+    assert ms.information_ids(tokenizer, hits, 500) == \
+        tokenizer(ms.information_text(hits), add_special_tokens=False).input_ids
+
+
+# ---------------------------------------------------------------------------------------------------- parsing ---
 
 @pytest.mark.parametrize("text, expected", [
     ("<think> need facts </think>\n<search> Ilvo Marsk born </search>", ("search", "Ilvo Marsk born")),
@@ -76,7 +98,7 @@ def test_each_turn_starts_from_the_question_and_its_memory_alone(tiny, searcher)
     ("<think> maybe <search> q </search> </think>", ("malformed", "unclosed <think>")),  # search in think
     ("<think> the </answer> tag </think><answer> x </answer>", ("malformed", "</answer> without <answer>")),
     ("<search>   </search>", ("malformed", "empty <search>")),
-    ("<think> x </think><answer>\n</answer>", ("malformed", "empty <answer>")),
+    ("<think> x </think><answer>\n</answer>", ("answer", "")),          # well formed, as the official \\boxed{}
     ("q </search>", ("malformed", "</search> without <search>")),
     ("<search> a <answer> b </answer>", ("malformed", "unexpected <search> before <answer>")),
     ("<memory> x </memory><answer> y </answer>", ("malformed", "unexpected <memory> before <answer>")),
@@ -94,7 +116,7 @@ def test_parse_action(text, expected):
 @pytest.mark.parametrize("text, memory, reason", [
     ("<memory> Ilvo Marsk was born in Tarvel. </memory>", "Ilvo Marsk was born in Tarvel.", None),
     ("<think> keep the city </think><memory> Tarvel </memory>", "Tarvel", None),
-    ("<memory> </memory>", "", None),                                   # nothing worth keeping is allowed
+    ("<memory> </memory>", None, "empty_memory"),                       # as the official code: it ends there
     ("Ilvo Marsk was born in Tarvel.", None, "malformed_memory"),          # no tags
     ("<memory> Ilvo Marsk was born", None, "malformed_memory"),           # unclosed (truncated)
     ("<memory> x <search> y </search> </memory>", None, "malformed_memory"),
@@ -106,7 +128,8 @@ def test_parse_memory(tiny, text, memory, reason):
     assert ms.parse_memory(text, tokenizer, max_memory_tokens=96) == (memory, reason)
 
 
-# --------------------------------------------------------------------------------------------- rollout ---
+# ---------------------------------------------------------------------------------------------------- rollout ---
+
 def char_ids(tokenizer, text):
     """Token ids of `text`, one character at a time: decodes to `text` but is not how the tokenizer encodes it,
     like a sampled sequence that the tokenizer would have merged differently."""
@@ -115,17 +138,20 @@ def char_ids(tokenizer, text):
 
 def script(tokenizer, plays):
     """A generate_fn that plays fixed outputs per question (in order: action, memory, action, ...), returning
-    each as character ids ended by EOS, so the rollout must keep sampled ids exactly as they come."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    each as character ids, so the rollout must keep sampled ids exactly as they come. A play is a text that the
+    model ends with its end of turn, or (text, end): ended by the token `end` instead, or cut by the token limit
+    (None)."""
     calls = Counter()
 
     def generate_fn(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
         outs = []
         for context in contexts:
-            question = re.findall(r"<question> (.*?) </question>", tokenizer.decode(context))[-1]
-            text = plays[question][calls[question]]
+            question = re.findall(r"<question> (.*?) </question>", tokenizer.decode(context), flags=re.S)[-1]
+            play = plays[question][calls[question]]
+            text, end = play if isinstance(play, tuple) else (play, "<|im_end|>")
             calls[question] += 1
-            outs.append((char_ids(tokenizer, text) + [eos], text, True))
+            ends = [tokenizer.convert_tokens_to_ids(end)] if end else []
+            outs.append((char_ids(tokenizer, text) + ends, text, bool(end)))
         return outs
     return generate_fn
 
@@ -163,7 +189,7 @@ def test_rollout_keeps_sampled_ids_and_masks_exactly(tiny, searcher):
                            generate_fn=script(tokenizer, plays_of))
         for q, t in zip(questions, trajs):
             plays = plays_of[q["question"]]
-            assert (t["stop"], t["reward"]) == ("answered", 1.0)
+            assert (t["stop"], t["answer"]) == ("answered", plays[-1].split()[1])
             if workflow == "memsearcher":
                 memory, actions, memories = "", plays[0::2], plays[1::2]
                 assert len(t["convs"]) == len(actions)
@@ -185,6 +211,56 @@ def test_rollout_keeps_sampled_ids_and_masks_exactly(tiny, searcher):
                 assert [c["mask"] for c in t["convs"]] == [[m for ids, m in parts for _ in ids]]
 
 
+SEARCH = "<think> I need the town </think><search> Ilvo Marsk </search>"
+MEMORY = "<memory> Ilvo Marsk was born in Tarvel. </memory>"
+STOP_PLAYS = [   # (the stop, what the model writes: action, memory, action, ...) in 3 turns
+    ("answered", [SEARCH, MEMORY, "<think> I know it </think><answer> Tarvel </answer>"]),
+    ("malformed_action", ["<think> no action </think>"]),
+    ("malformed_action", [("<answer> Tarvel </answer>", "<|endoftext|>")]),  # an answer's turn ended otherwise
+    ("malformed_memory", [SEARCH, "Tarvel, without tags"]),
+    ("empty_memory", [SEARCH, "<memory> </memory>"]),
+    ("action_truncated", [("<answer> Tarvel </answer>", None)]),   # a whole answer, cut: it does not count
+    ("memory_truncated", [SEARCH, (MEMORY, None)]),
+    ("memory_over_limit", [SEARCH, "<memory> " + "Tarvel " * 200 + "</memory>"]),
+    ("max_turns", [SEARCH, MEMORY] * 3),                           # the last turn's search is read too
+]
+
+
+def test_every_stop_reason_is_reached_by_a_scripted_rollout(tiny, searcher):
+    cfg, model, tokenizer = tiny
+    plays = {f"Where was Ilvo Marsk born (play {i})?": play for i, (_, play) in enumerate(STOP_PLAYS)}
+    questions = [{"id": str(i), "question": q, "golden_answers": ["Tarvel"]} for i, q in enumerate(plays)]
+    trajs = ms.rollout(model, tokenizer, searcher, questions, cfg, max_turns=3, generate_fn=script(tokenizer, plays))
+    assert [t["stop"] for t in trajs] == [stop for stop, _ in STOP_PLAYS]
+    for t, (stop, play) in zip(trajs, STOP_PLAYS):
+        assert (t["answer"] is not None) == (stop == "answered")
+        assert len(t["turns"]) == (len(play) + 1) // 2              # every play was written, and nothing more
+        assert t["convs"][-1]["mask"][-1] == 1                      # each ends on what the model wrote
+    assert trajs[0]["answer"] == "Tarvel" and trajs[-1]["memory"] == "Ilvo Marsk was born in Tarvel."
+    assert set(ms.STOP_REASONS) - {stop for stop, _ in STOP_PLAYS} == {"context_over_limit"}   # next test
+
+
+def test_a_context_that_would_pass_the_models_positions_stops_before_generate(tiny, searcher):
+    cfg, model, tokenizer = tiny
+    limit = model.config.max_position_embeddings
+    question = "Where was " + "Ilvo Marsk " * 600 + "born?"
+    prompt = len(ms.render_prompt(tokenizer, question, ""))
+    plays = {question: [SEARCH, MEMORY], question + " Tarvel": [SEARCH]}      # the second is 2 tokens longer
+    questions = [{"id": str(i), "question": q, "golden_answers": ["Tarvel"]} for i, q in enumerate(plays)]
+    room = tiny_config(cfg.output_dir, max_new_tokens=limit - prompt)   # the first question's action just fits
+    calls, play = [], script(tokenizer, plays)
+
+    def recording(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
+        calls.append([len(c) + max_new_tokens for c in contexts])
+        return play(model, tokenizer, contexts, max_new_tokens, greedy, temperature)
+
+    first, second = ms.rollout(model, tokenizer, searcher, questions, room, generate_fn=recording)
+    assert [c for c in calls if c] == [[limit]]                # no call past the limit: the memory's would be
+    assert (first["stop"], "hits" in first["turns"][0], second["stop"]) == \
+        ("context_over_limit", True, "context_over_limit")
+    assert second["context_tokens"] == [] and len(first["context_tokens"]) == 1
+
+
 @pytest.mark.slow
 def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
     cfg, model, tokenizer, searcher = formatted
@@ -199,7 +275,7 @@ def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
     trajs = ms.rollout(model, tokenizer, searcher, questions, cfg, generate_fn=spy)
     assert sampled
     assert any(len(t["convs"]) >= 2 for t in trajs), "want multi-turn trajectories to check"
-    pieces = [tuple(ids) for ids in sampled]
+    pieces, trained = [tuple(ids) for ids in sampled], []
     for t in trajs:
         memory = ""
         for conv, turn in zip(t["convs"], t["turns"]):
@@ -216,8 +292,7 @@ def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
                     j += 1
                 runs.append((mask[i], ids[i:j]))
                 i = j
-            trained = [tuple(r) for m, r in runs if m]
-            assert all(r in pieces for r in trained)
+            trained += [tuple(r) for m, r in runs if m]
             injected = [r for m, r in runs if not m]
             if "hits" in turn:
                 assert injected == [user_turn(tokenizer, turn["hits"], True)]
@@ -225,6 +300,7 @@ def test_rollout_masks_cover_exactly_the_sampled_tokens(formatted):
                 assert injected == []
             memory = turn.get("memory", memory)
         assert t["stop"] in ms.STOP_REASONS
+    assert Counter(trained) == Counter(pieces)      # every sampled output trained, once; nothing else trained
 
 
 @pytest.mark.slow
@@ -241,7 +317,143 @@ def test_rollout_counts_every_stop_reason(formatted):
         assert (t["answer"] is not None) == (t["stop"] == "answered")
 
 
-# ------------------------------------------------------------------------------------------ generation ---
+def test_retriever_url_serves_the_rollout_one_request_per_turn(tiny, searcher, bm25_server, monkeypatch):
+    """--retriever-url: the Search-R1 server API, one request per turn with searches, against retriever.py's own
+    server: the same passages as the in-process index, so the same conversations, token for token."""
+    cfg, model, tokenizer = tiny
+    url, _ = bm25_server
+    requests, real_post = [], r.post_json
+    monkeypatch.setattr(r, "post_json", lambda url, payload, *args: requests.append(payload) or real_post(url, payload,
+                                                                                                        *args))
+    remote_cfg = tiny_config(cfg.output_dir, retriever_url=url, eval_n=6)
+    _, questions, search = ms.load_data(remote_cfg)
+    trajs = ms.rollout(model, tokenizer, search, questions, remote_cfg, greedy=True, max_turns=4,
+                       generate_fn=warm.scripted_policy(questions, 3))
+    assert len(requests) == 3                                            # one request per turn with searches
+    assert all(len(req["queries"]) == 6 and req["topk"] == remote_cfg.top_k for req in requests)
+    local = ms.rollout(model, tokenizer, searcher, questions, remote_cfg, greedy=True, max_turns=4,
+                       generate_fn=warm.scripted_policy(questions, 3))
+    assert [t["convs"] for t in trajs] == [t["convs"] for t in local]     # same passages, same token ids
+
+
+# --------------------------------------------------------------------------------------- MemSearcher vs ReAct ---
+
+def scripted_rollout(tiny, searcher, workflow, searches, n=12, turns=8):
+    cfg, model, tokenizer = tiny
+    questions = r.load_questions(cfg.test_file[0])[:n]
+    policy = warm.scripted_policy(questions, searches)
+    return ms.rollout(model, tokenizer, searcher, questions, tiny_config(cfg.output_dir), greedy=True,
+                      max_turns=turns, workflow=workflow, generate_fn=policy), tokenizer
+
+
+def test_react_keeps_one_conversation_and_masks_the_passages(tiny, searcher):
+    trajs, tokenizer = scripted_rollout(tiny, searcher, "react", searches=3)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for t in trajs:
+        assert len(t["convs"]) == 1 and len(t["turns"]) == 4 and t["stop"] == "answered"
+        conv = t["convs"][0]
+        prompt = ms.render_prompt(tokenizer, t["question"]["question"], None, "react")
+        expected_ids, expected_mask = list(prompt), [0] * len(prompt)
+        for turn in t["turns"]:
+            action = tokenizer(turn["action"], add_special_tokens=False).input_ids + [end_of_turn]
+            expected_ids += action
+            expected_mask += [1] * len(action)
+            if "hits" in turn:
+                info = user_turn(tokenizer, turn["hits"], False)
+                expected_ids += info
+                expected_mask += [0] * len(info)                 # the user turn with the passages: never trained
+            assert "memory_output" not in turn                   # ReAct writes no memory
+        assert conv["ids"] == expected_ids and conv["mask"] == expected_mask
+        assert t["context_tokens"] == sorted(set(t["context_tokens"]))       # grows every turn
+
+
+def test_workflows_agree_on_one_turn_answers(tiny, searcher):
+    results = {w: scripted_rollout(tiny, searcher, w, searches=0)[0] for w in ms.WORKFLOWS}
+    for a, b in zip(results["memsearcher"], results["react"]):
+        assert a["stop"] == b["stop"] == "answered"
+        assert (a["answer"], len(a["turns"])) == (b["answer"], len(b["turns"]))
+        sampled = [[i for i, m in zip(c["ids"], c["mask"]) if m] for t in (a, b) for c in t["convs"]]
+        assert sampled[0] == sampled[1]
+
+
+def test_context_per_turn_is_what_each_generate_call_attended_over(tiny, searcher):
+    """A turn's context is its longest generate call's: the ids it was given plus the ids it wrote. ReAct reads a
+    turn's passages only in the next turn, so they count there."""
+    cfg, model, tokenizer = tiny
+    questions = r.load_questions(cfg.test_file[0])[:6]
+    for workflow in ms.WORKFLOWS:
+        policy, calls = warm.scripted_policy(questions, searches=3), []
+
+        def recording(model, tokenizer, contexts, *args):
+            outs = policy(model, tokenizer, contexts, *args)
+            calls.extend((tokenizer.decode(c), len(c) + len(ids)) for c, (ids, _, _) in zip(contexts, outs))
+            return outs
+
+        trajs = ms.rollout(model, tokenizer, searcher, questions, tiny_config(cfg.output_dir), greedy=True,
+                           max_turns=5, workflow=workflow, generate_fn=recording)
+        for t in trajs:
+            expected = []
+            for text, length in calls:
+                if f"<question> {t['question']['question']} </question>" in text:
+                    if ms.MEMORY_INSTRUCTION not in text:
+                        expected.append(length)              # an action starts a turn
+                    else:
+                        expected[-1] = max(expected[-1], length)
+            assert t["context_tokens"] == expected and len(expected) == 4
+
+
+def test_a_search_on_the_last_turn_is_read_and_its_memory_trained(tiny, searcher):
+    """As in the official code, MemSearcher carries out a search on its last turn: the passages are read and the
+    memory written from them is trained, then the trajectory stops. ReAct would read them only in a next action:
+    its last search is not run."""
+    cfg, model, tokenizer = tiny
+    questions = r.load_questions(cfg.test_file[0])[:4]
+    queries = []
+
+    def counting(batch, k):
+        queries.append(len(batch))
+        return searcher(batch, k)
+
+    for workflow, searches in [("memsearcher", [4, 4, 4]), ("react", [4, 4])]:
+        queries.clear()
+        trajs = ms.rollout(model, tokenizer, counting, questions, tiny_config(cfg.output_dir), greedy=True,
+                           max_turns=3, workflow=workflow, generate_fn=warm.scripted_policy(questions, 5))
+        assert queries == searches
+        for t in trajs:
+            last = t["turns"][-1]
+            assert t["stop"] == "max_turns" and len(t["turns"]) == 3 and t["answer"] is None
+            assert t["convs"][-1]["mask"][-1] == 1                     # ends on what the model wrote
+            if workflow == "memsearcher":                              # the memory written from the last passages
+                assert last["hits"] and last["memory"] == t["memory"] and last["memory_output"].startswith("<memory>")
+            else:
+                assert "hits" not in last and "memory_output" not in last
+
+
+def test_memsearcher_context_stays_flat_while_react_grows(tiny, searcher):
+    flat, _ = scripted_rollout(tiny, searcher, "memsearcher", searches=7, n=20)
+    grows, _ = scripted_rollout(tiny, searcher, "react", searches=7, n=20)
+    for t in flat:
+        assert len(t["context_tokens"]) == 8
+        assert max(t["context_tokens"]) <= 1.3 * t["context_tokens"][1]
+    for t in grows:
+        assert t["context_tokens"] == sorted(t["context_tokens"])
+        assert t["context_tokens"][-1] > 2 * t["context_tokens"][1]
+
+
+def test_a_react_run_takes_grpo_steps_that_move_its_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(ms, "trajectory_reward", parity_reward)
+    cfg = tiny_config(tmp_path, workflow="react", pretrain_steps=0, warm_steps=0, steps=2, group_size=4,
+                      questions_per_step=2, eval_n=2, max_new_tokens=8, eval_every=0, print_every=0)
+    initial = warm.tiny_policy(cfg)
+    train(cfg)
+    steps = [rec for rec in runs.read_metrics(tmp_path) if "reward" in rec]
+    assert [rec["step"] for rec in steps] == [1, 2] and all(rec["stops"] for rec in steps)
+    assert max(rec["mixed_groups"] for rec in steps) > 0 and min(rec["grad_norm"] for rec in steps) > 0
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-000002"
+    assert not torch.equal(weights(initial), weights(tmp_path / "checkpoint-000002"))
+
+
+# ------------------------------------------------------------------------------------------------- generation ---
 
 def test_batched_generate_returns_the_sampled_ids_of_each_context_alone(tiny):
     """Left padding: a batch of contexts of different lengths gives each the ids it gets alone, and those are the
@@ -331,7 +543,7 @@ def test_generate_ends_each_row_at_its_end_of_turn_through_hugging_face(tiny):
         model.generation_config.eos_token_id = end_ids
 
 
-# ---------------------------------------------------------------------------------------------- reward ---
+# ----------------------------------------------------------------------------------------------------- reward ---
 
 @pytest.mark.parametrize("prediction, golds, em", [
     ("Tarvel", ["Tarvel"], 1.0),
@@ -365,25 +577,66 @@ def test_token_f1_known_numbers(prediction, golds, f1):
     assert ms.token_f1(prediction, golds) == pytest.approx(f1)
 
 
-def test_f1_reward_gives_a_wrong_answer_0_1_and_a_trajectory_without_one_0():
+# The official reward (ReCall's compute_score_with_format, on the final conversation), case by case: each row is a
+# final turn as this model writes it, how its turn ended, the gold answers, and the official function's score of
+# the same turn in the official format (<think> already in the prompt, \\boxed{} for <answer>, <|im_end|> the end
+# of turn), computed with the official function.
+OFFICIAL_F1 = [
+    ("<think> a </think>\n<answer> Tarvel </answer>", "<|im_end|>", ["Tarvel"], 1.0),
+    ("<think> a </think>\n<answer> Tarvel </answer>", "<|endoftext|>", ["Tarvel"], 0.0),  # 'not end with eos token'
+    ("<think> a </think>\n<answer> Tarvel </answer>", None, ["Tarvel"], 0.0),             # cut by the token limit
+    ("<answer> Tarvel </answer>", "<|im_end|>", ["Tarvel"], 0.0),      # no think: '<think> ... not paired'
+    ("<think> a </think><answer> Tarvel City </answer>", "<|im_end|>", ["Tarvel"], 2 / 3),
+    ("<think> a </think><answer> Osmaria </answer>", "<|im_end|>", ["Tarvel"], 0.1),   # 'wrong answer but good format'
+    ("<think> a </think><answer> </answer>", "<|im_end|>", ["Tarvel"], 0.1),           # an empty \\boxed{} too
+    ("<think> a </think><answer> the </answer>", "<|im_end|>", ["Tarvel"], 0.1),
+    ("<think> a </think><answer> no way </answer>", "<|im_end|>", ["no"], 0.1),       # yes/no: all or nothing
+    ("<think> a </think><answer> Yes. </answer>", "<|im_end|>", ["yes"], 1.0),
+    ("<think> a </think><answer> Osmaria north </answer>", "<|im_end|>", ["Tarvel", "North Osmaria Bay"], 0.8),
+    ("<think> a </think>", "<|im_end|>", ["Tarvel"], 0.0),           # 'the last response is missing \\boxed'
+]
+
+
+@pytest.mark.parametrize("final, end, golds, official", OFFICIAL_F1)
+def test_the_f1_reward_is_the_official_score(tiny, searcher, final, end, golds, official):
+    cfg, model, tokenizer = tiny
+    question = {"id": "0", "question": "Where was Ilvo Marsk born?", "golden_answers": golds}
+    t, = ms.rollout(model, tokenizer, searcher, [question], cfg, generate_fn=script(tokenizer, {
+        question["question"]: [(final, end)]}))
+    assert ms.trajectory_reward(t, "f1") == pytest.approx(official)
+
+
+def test_only_the_final_conversation_counts_for_the_f1_reward(tiny, searcher):
+    """The official rule checks the final conversation alone: MemSearcher's last turn. ReAct's one conversation
+    holds every turn, so its first action must think."""
+    cfg, model, tokenizer = tiny
     question = {"id": "0", "question": "Where was Ilvo Marsk born?", "golden_answers": ["Tarvel"]}
+    unthinking = "<search> Ilvo Marsk </search>"
+    for workflow, plays, reward in [
+            ("memsearcher", [unthinking, MEMORY, "<think> a </think><answer> Tarvel </answer>"], 1.0),
+            ("memsearcher", [SEARCH, MEMORY, "<answer> Tarvel </answer>"], 0.0),
+            ("react", [unthinking, "<think> a </think><answer> Tarvel </answer>"], 0.0),
+            ("react", [SEARCH, "<think> a </think><answer> Tarvel </answer>"], 1.0)]:
+        t, = ms.rollout(model, tokenizer, searcher, [question], cfg, workflow=workflow,
+                        generate_fn=script(tokenizer, {question["question"]: plays}))
+        assert (t["stop"], ms.trajectory_reward(t, "f1"), ms.trajectory_reward(t, "em")) == ("answered", reward, 1.0)
 
-    def ended(stop, answer=None):
-        return {**ms.new_trajectory(question), "stop": stop, "answer": answer}
 
-    for answer, em, f1 in [("Tarvel", 1.0, 1.0), ("Tarvel City", 0.0, 2 / 3), ("Osmaria", 0.0, 0.1), ("", 0.0, 0.1)]:
-        t = ended("answered", answer)
-        assert (ms.trajectory_reward(t), ms.trajectory_reward(t, "em")) == (em, em)     # em is the default
-        assert ms.trajectory_reward(t, "f1") == pytest.approx(f1)
-    for stop in set(ms.STOP_REASONS) - {"answered"}:       # never answered: malformed, truncated, out of turns...
-        assert ms.trajectory_reward(ended(stop), "f1") == ms.trajectory_reward(ended(stop), "em") == 0.0
+def test_a_trajectory_that_never_answered_gets_0_under_both_rewards(tiny, searcher):
+    cfg, model, tokenizer = tiny
+    plays = {f"Where was Ilvo Marsk born (play {i})?": play for i, (_, play) in enumerate(STOP_PLAYS)}
+    questions = [{"id": str(i), "question": q, "golden_answers": ["Tarvel"]} for i, q in enumerate(plays)]
+    trajs = ms.rollout(model, tokenizer, searcher, questions, cfg, max_turns=3, generate_fn=script(tokenizer, plays))
+    for t in trajs:
+        rewards = (ms.trajectory_reward(t), ms.trajectory_reward(t, "em"), ms.trajectory_reward(t, "f1"))
+        assert rewards == ((1.0, 1.0, 1.0) if t["stop"] == "answered" else (0.0, 0.0, 0.0))   # em is the default
     with pytest.raises(SystemExit, match="--reward must be one of em, f1"):
-        ms.parse_args(["--tiny", "--reward", "F1"])
+        parse_args(["--tiny", "--reward", "F1"])
 
 
-REWARD_PLAYS = {"Where was Ilvo Marsk born?": ["<answer> Tarvel </answer>", "Tarvel"],          # right
-                "In which country is Tarvel?": ["<answer> Osmaria Bay </answer>", "Osmaria"],   # partly right
-                "Who founded Vell Orchard?": ["<answer> Ilvo Marsk </answer>", "Tarvel"],       # wrong
+REWARD_PLAYS = {"Where was Ilvo Marsk born?": ["<think> a </think><answer> Tarvel </answer>", "Tarvel"],   # right
+                "In which country is Tarvel?": ["<think> a </think><answer> Osmaria Bay </answer>", "Osmaria"],
+                "Who founded Vell Orchard?": ["<think> a </think><answer> Ilvo Marsk </answer>", "Tarvel"],  # wrong
                 "Which river runs through Tarvel?": ["<think> hmm </think>", "Tarvel"]}         # malformed
 
 
@@ -394,22 +647,18 @@ def reward_plays(tokenizer, group_size=1):
     return questions, script(tokenizer, {q: [play] * group_size for q, (play, _) in REWARD_PLAYS.items()})
 
 
-def test_the_reward_flag_reaches_the_rollout_and_the_step_logs_em_beside_f1(tiny, searcher, monkeypatch):
+def test_a_grpo_step_scores_with_the_reward_flag_and_logs_em_beside_f1(tiny, searcher, monkeypatch):
     cfg, model, tokenizer = tiny
-    for reward, expected in [("em", [1.0, 0.0, 0.0, 0.0]), ("f1", [1.0, 2 / 3, 0.1, 0.0])]:
-        questions, play = reward_plays(tokenizer)
-        trajs = ms.rollout(model, tokenizer, searcher, questions, tiny_config(cfg.output_dir, reward=reward),
-                           generate_fn=play)
-        assert [t["reward"] for t in trajs] == pytest.approx(expected)
-    # a GRPO step rolls out with --reward, and logs the exact match of the same trajectories beside an f1 reward
-    questions, play = reward_plays(tokenizer, group_size=2)
     real_rollout = ms.rollout
-    monkeypatch.setattr(ms, "rollout", lambda *a, **kw: real_rollout(*a, **kw, generate_fn=play))
     monkeypatch.setattr(ms, "train_on_rows", lambda *a: {})
-    step_cfg = tiny_config(cfg.output_dir, reward="f1", group_size=2)
-    trajs, stats = ms.grpo_step(model, None, None, tokenizer, searcher, questions, step_cfg)
-    assert [t["reward"] for t in trajs[::2]] == pytest.approx([1.0, 2 / 3, 0.1, 0.0])
-    assert (stats["reward"], stats["em"]) == pytest.approx(((1 + 2 / 3 + 0.1) / 4, 0.25))
+    for reward, expected in [("em", [1.0, 0.0, 0.0, 0.0]), ("f1", [1.0, 2 / 3, 0.1, 0.0])]:
+        questions, play = reward_plays(tokenizer, group_size=2)
+        monkeypatch.setattr(ms, "rollout", lambda *a, **kw: real_rollout(*a, **kw, generate_fn=play))
+        step_cfg = tiny_config(cfg.output_dir, reward=reward, group_size=2)
+        trajs, stats = ms.grpo_step(model, None, None, tokenizer, searcher, questions, step_cfg)
+        assert [t["reward"] for t in trajs[::2]] == pytest.approx(expected)
+        assert stats["reward"] == pytest.approx(sum(expected) / 4)
+        assert stats.get("em") == (None if reward == "em" else 0.25)      # the exact match of the same trajectories
 
 
 def test_evaluation_reports_exact_match_whatever_the_reward(tiny, searcher, monkeypatch):
@@ -421,7 +670,12 @@ def test_evaluation_reports_exact_match_whatever_the_reward(tiny, searcher, monk
     assert [t["reward"] for t in trajs] == [1.0, 0.0, 0.0, 0.0] and metrics["em"] == 0.25
 
 
-# ------------------------------------------------------------------------------------------------ GRPO ---
+def test_a_gold_answer_that_normalises_to_nothing_is_matched_only_by_itself():
+    assert ms.exact_match("!", ["..."]) == 0.0 and ms.exact_match("", ["..."]) == 0.0
+    assert ms.exact_match(" ... ", ["..."]) == 1.0 and ms.exact_match("The Paris!", ["...", "paris"]) == 1.0
+
+
+# ------------------------------------------------------------------------------------------------------- GRPO ---
 
 def test_group_advantages_known_numbers():
     adv = ms.group_advantages([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], group_size=4)
@@ -733,7 +987,7 @@ def test_small_update_with_qwen_vocabulary_kl_and_two_updates(tiny, monkeypatch)
     policy is the reference), and the update moves each conversation's log-prob the way of its advantage."""
     cfg, _, tokenizer = tiny
     torch.manual_seed(0)
-    policy = measure.qwen25_05b_shaped(layers=1)
+    policy = qwen25_05b_shaped(layers=1)
     assert (policy.config.vocab_size, policy.config.hidden_size) == (151_936, 896)
     ref = copy.deepcopy(policy).requires_grad_(False).eval()
     prompt = ms.render_prompt(tokenizer, "Where was Ilvo Marsk born?", "")
@@ -770,17 +1024,28 @@ def test_small_update_with_qwen_vocabulary_kl_and_two_updates(tiny, monkeypatch)
     assert after[0] > before[0] and after[1] < before[1]
 
 
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_the_kl_is_exactly_0_before_the_first_update(tmp_path, monkeypatch, cpu_bf16):
+    """The run's reference is loaded and run like the policy (fp32 weights, the same autocast): step 1's KL, taken
+    before its one update, is 0 to the last bit."""
+    monkeypatch.setattr(ms, "trajectory_reward", parity_reward)          # mixed groups: rows get a forward pass
+    cfg = quick_config(tmp_path / "run", steps=1, kl_coef=0.1, updates_per_step=1, cpu_bf16=cpu_bf16)
+    train(cfg)
+    step, = [rec for rec in runs.read_metrics(tmp_path / "run") if "kl" in rec]
+    assert step["mixed_groups"] > 0 and step["kl"] == 0.0
+
+
 def test_a_steps_questions_depend_on_the_seed_and_the_step_alone():
     """Both workflows of a comparison, and a resumed run, train on the same questions at every step: however much
     of the global random stream an update consumed before (train_on_rows shuffles a number of rows that depends
     on the workflow)."""
     questions = [{"id": i} for i in range(500)]
     cfg = ms.Config(questions_per_step=16, seed=3)
-    first = [ms.step_questions(questions, cfg, step) for step in range(3)]
+    first = [ms.begin_step(questions, cfg, step) for step in range(3)]
     random.shuffle(list(range(777)))                        # what an update of 777 rows would draw
-    assert [ms.step_questions(questions, cfg, step) for step in range(3)] == first
+    assert [ms.begin_step(questions, cfg, step) for step in range(3)] == first
     assert len({tuple(q["id"] for q in batch) for batch in first}) == 3 and all(len(b) == 16 for b in first)
-    assert ms.step_questions(questions, ms.Config(questions_per_step=16, seed=4), 0) != first[0]
+    assert ms.begin_step(questions, ms.Config(questions_per_step=16, seed=4), 0) != first[0]
 
 
 def test_grpo_step_groups_G_copies_and_gives_every_conversation_its_advantage(tiny, searcher, monkeypatch):
@@ -789,14 +1054,14 @@ def test_grpo_step_groups_G_copies_and_gives_every_conversation_its_advantage(ti
 
     def scripted_rollout(model, tokenizer, search, questions, cfg):      # 1-3 conversations, rewards 0 1 0 1 ...
         seen["questions"] = questions
-        return [{**ms.new_trajectory(q), "reward": float(i % 2),
+        return [{**ms.new_trajectory(q), "answer": q["golden_answers"][0] if i % 2 else None,
                  "convs": [{"ids": [7, i, turn], "mask": [0, 1, 1]} for turn in range(1 + i % 3)]}
                 for i, q in enumerate(questions)]
 
     monkeypatch.setattr(ms, "rollout", scripted_rollout)
     monkeypatch.setattr(ms, "train_on_rows", lambda model, ref, opt, rows, cfg, pad: seen.update(rows=rows) or {})
     step_cfg = tiny_config(cfg.output_dir, group_size=4, questions_per_step=3)
-    batch = ms.step_questions(r.load_questions(cfg.test_file[0]), step_cfg, step=0)
+    batch = ms.begin_step(r.load_questions(cfg.test_file[0]), step_cfg, step=0)
     trajs, stats = ms.grpo_step(model, None, None, tokenizer, searcher, batch, step_cfg)
     ids = [q["id"] for q in seen["questions"]]
     assert len(set(ids)) == 3 and ids == [i for i in ids[::4] for _ in range(4)]     # G copies, consecutively
@@ -807,117 +1072,7 @@ def test_grpo_step_groups_G_copies_and_gives_every_conversation_its_advantage(ti
     assert (stats["reward"], stats["mixed_groups"]) == (0.5, 1.0)
 
 
-# ---------------------------------------------------------------------------------- MemSearcher vs ReAct ---
-
-def scripted_rollout(tiny, searcher, workflow, searches, n=12, turns=8):
-    cfg, model, tokenizer = tiny
-    questions = r.load_questions(cfg.test_file[0])[:n]
-    policy = measure.scripted_policy(questions, searches)
-    return ms.rollout(model, tokenizer, searcher, questions, tiny_config(cfg.output_dir), greedy=True,
-                      max_turns=turns, workflow=workflow, generate_fn=policy), tokenizer
-
-
-def test_react_keeps_one_conversation_and_masks_the_passages(tiny, searcher):
-    trajs, tokenizer = scripted_rollout(tiny, searcher, "react", searches=3)
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    for t in trajs:
-        assert len(t["convs"]) == 1 and len(t["turns"]) == 4 and t["stop"] == "answered"
-        conv = t["convs"][0]
-        prompt = ms.render_prompt(tokenizer, t["question"]["question"], None, "react")
-        expected_ids, expected_mask = list(prompt), [0] * len(prompt)
-        for turn in t["turns"]:
-            action = tokenizer(turn["action"], add_special_tokens=False).input_ids + [end_of_turn]
-            expected_ids += action
-            expected_mask += [1] * len(action)
-            if "hits" in turn:
-                info = user_turn(tokenizer, turn["hits"], False)
-                expected_ids += info
-                expected_mask += [0] * len(info)                 # the user turn with the passages: never trained
-            assert "memory_output" not in turn                   # ReAct writes no memory
-        assert conv["ids"] == expected_ids and conv["mask"] == expected_mask
-        assert t["context_tokens"] == sorted(set(t["context_tokens"]))       # grows every turn
-
-
-def test_workflows_agree_on_one_turn_answers(tiny, searcher):
-    results = {w: scripted_rollout(tiny, searcher, w, searches=0)[0] for w in ms.WORKFLOWS}
-    for a, b in zip(results["memsearcher"], results["react"]):
-        assert a["stop"] == b["stop"] == "answered"
-        assert (a["answer"], a["reward"], len(a["turns"])) == (b["answer"], b["reward"], len(b["turns"]))
-        sampled = [[i for i, m in zip(c["ids"], c["mask"]) if m] for t in (a, b) for c in t["convs"]]
-        assert sampled[0] == sampled[1]
-
-
-def test_context_per_turn_is_what_each_generate_call_attended_over(tiny, searcher):
-    """A turn's context is its longest generate call's: the ids it was given plus the ids it wrote. ReAct reads a
-    turn's passages only in the next turn, so they count there."""
-    cfg, model, tokenizer = tiny
-    questions = r.load_questions(cfg.test_file[0])[:6]
-    for workflow in ms.WORKFLOWS:
-        policy, calls = measure.scripted_policy(questions, searches=3), []
-
-        def recording(model, tokenizer, contexts, *args):
-            outs = policy(model, tokenizer, contexts, *args)
-            calls.extend((tokenizer.decode(c), len(c) + len(ids)) for c, (ids, _, _) in zip(contexts, outs))
-            return outs
-
-        trajs = ms.rollout(model, tokenizer, searcher, questions, tiny_config(cfg.output_dir), greedy=True,
-                           max_turns=5, workflow=workflow, generate_fn=recording)
-        for t in trajs:
-            expected = []
-            for text, length in calls:
-                if f"<question> {t['question']['question']} </question>" in text:
-                    if ms.MEMORY_INSTRUCTION not in text:
-                        expected.append(length)              # an action starts a turn
-                    else:
-                        expected[-1] = max(expected[-1], length)
-            assert t["context_tokens"] == expected and len(expected) == 4
-
-
-def test_a_search_on_the_last_turn_ends_the_trajectory_unread(tiny, searcher):
-    cfg, model, tokenizer = tiny
-    questions = r.load_questions(cfg.test_file[0])[:4]
-    queries = []
-
-    def counting(batch, k):
-        queries.append(len(batch))
-        return searcher(batch, k)
-
-    for workflow in ms.WORKFLOWS:
-        queries.clear()
-        trajs = ms.rollout(model, tokenizer, counting, questions, tiny_config(cfg.output_dir), greedy=True,
-                           max_turns=3, workflow=workflow, generate_fn=measure.scripted_policy(questions, 5))
-        assert queries == [4, 4]                            # turns 1 and 2 search; turn 3's search is never run
-        for t in trajs:
-            assert t["stop"] == "max_turns" and len(t["turns"]) == 3 and t["answer"] is None
-            assert "query" not in t["turns"][-1] and "hits" not in t["turns"][-1]
-            assert "memory_output" not in t["turns"][-1] and t["convs"][-1]["mask"][-1] == 1   # ends on its action
-
-
-def test_memsearcher_context_stays_flat_while_react_grows(tiny, searcher):
-    flat, _ = scripted_rollout(tiny, searcher, "memsearcher", searches=7, n=20)
-    grows, _ = scripted_rollout(tiny, searcher, "react", searches=7, n=20)
-    for t in flat:
-        assert len(t["context_tokens"]) == 8
-        assert max(t["context_tokens"]) <= 1.3 * t["context_tokens"][1]
-    for t in grows:
-        assert t["context_tokens"] == sorted(t["context_tokens"])
-        assert t["context_tokens"][-1] > 2 * t["context_tokens"][1]
-
-
-def test_react_trains_with_the_same_grpo_code(tmp_path, monkeypatch):
-    monkeypatch.setattr(ms, "trajectory_reward", parity_reward)
-    cfg = tiny_config(tmp_path, workflow="react", pretrain_steps=0, warm_steps=0, steps=2, group_size=4,
-                      questions_per_step=2, eval_n=2, max_new_tokens=8, eval_every=0, print_every=0)
-    initial = warm.tiny_policy(cfg)
-    train(cfg)
-    steps = [rec for rec in runs.read_metrics(tmp_path) if "reward" in rec]
-    assert [rec["step"] for rec in steps] == [1, 2] and all(rec["stops"] for rec in steps)
-    assert max(rec["mixed_groups"] for rec in steps) > 0 and min(rec["grad_norm"] for rec in steps) > 0
-    assert (tmp_path / "latest").read_text().strip() == "checkpoint-000002"
-    assert not torch.equal(weights(initial), weights(tmp_path / "checkpoint-000002"))
-
-
-# ------------------------------------------------------------------------------------------- learning ---
+# ------------------------------------------------------------------------------------------ the training loop ---
 
 @pytest.mark.slow
 def test_grpo_lifts_greedy_em_over_the_imitator(learned):
@@ -935,67 +1090,6 @@ def test_grpo_lifts_greedy_em_over_the_imitator(learned):
     assert after["answered"] > before["answered"]
 
 
-# --------------------------------------------------------------------------------------------- the CLI ---
-
-
-@pytest.mark.slow
-def test_a_run_stopped_and_resumed_is_the_uninterrupted_run(tmp_path, learned):
-    """From the command line, with the learning test's model (its groups have mixed rewards, so every step
-    moves the weights): 2 steps then --resume to 3 give the same metrics and weights as 3 steps in one go."""
-    cfg, _, _ = learned
-    common = ["--tiny", "--model", str(runs.latest_checkpoint(cfg.output_dir)), "--train-file", cfg.train_file[0],
-              "--test-file", cfg.test_file[0], "--corpus", cfg.corpus, "--group-size", "4", "--questions-per-step",
-              "8", "--eval-n", "8", "--max-turns", "4", "--eval-max-turns", "4", "--print-every", "0"]
-    for args in [["--output-dir", str(tmp_path / "a"), "--steps", "3"],
-                 ["--output-dir", str(tmp_path / "b"), "--steps", "2"],
-                 ["--output-dir", str(tmp_path / "b"), "--steps", "3", "--resume"]]:
-        result = run_cli("memsearcher.py", *common, *args)
-        assert result.returncode == 0, result.stderr[-2000:]
-    assert "resumed from" in result.stdout and "at step 2" in result.stdout
-
-    def steps(run):
-        return [{k: v for k, v in rec.items() if not k.endswith("_s")} for rec in runs.read_metrics(tmp_path / run)
-                if "reward" in rec]
-
-    assert [rec["step"] for rec in steps("b")] == [1, 2, 3] and steps("a") == steps("b")
-    assert all(rec["mixed_groups"] > 0 and rec["grad_norm"] > 0 for rec in steps("a"))
-    evals = {run: [rec for rec in runs.read_metrics(tmp_path / run) if "eval" in rec] for run in "ab"}
-    assert [rec["step"] for rec in evals["b"]] == [0, 2, 3] and evals["a"][-1]["eval"] == evals["b"][-1]["eval"]
-    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-000003"]
-    assert torch.equal(weights(tmp_path / "a" / "checkpoint-000003"), weights(tmp_path / "b" / "checkpoint-000003"))
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--small", "--pretrain-steps", "5"], "--pretrain-steps pretrains the tiny model (--model tiny) from random "
-                                           "weights; --model Qwen/Qwen2.5-0.5B-Instruct arrives pretrained: use "
-                                           "--pretrain-steps 0"),
-    (["--tiny", "--model", "some/model", "--pretrain-steps", "5", "--warm-steps", "5"], "--pretrain-steps 0"),
-    (["--small", "--warm-lr", "1e-4"], "--warm-lr is not used with --model Qwen/Qwen2.5-0.5B-Instruct: its "
-                                       "imitation's learning rate is --cold-lr"),
-    (["--tiny", "--cold-lr", "1e-4"], "--cold-lr is not used with --model tiny: its imitation's learning rate is "
-                                      "--warm-lr"),
-])
-def test_pretraining_and_the_other_paths_learning_rate_are_refused_for_another_model(args, message):
-    with pytest.raises(SystemExit) as stop:
-        ms.parse_args(args)
-    assert message in str(stop.value.code)
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--group-size", "0"], "--group-size must be at least 1"),
-    (["--lr", "-1"], "--lr must be at least 0"),
-    (["--expert-forget", "1.5"], "--expert-forget must be between 0 and 1"),
-    (["--workflow", "chain"], "--workflow must be one of memsearcher, react"),
-    (["--corpus", "nope.jsonl"], "--corpus: no such file"),
-    (["--tiny", "--small"], "not allowed with argument"),
-])
-def test_bad_flags_name_the_flag(args, message, capsys):
-    with pytest.raises(SystemExit) as stop:
-        ms.parse_args(args)
-    assert stop.value.code != 0
-    assert message in f"{stop.value.code}\n{capsys.readouterr().err}"
-
-
 def test_repeated_test_files_give_em_per_benchmark_and_their_average(tmp_path):
     files = []
     for name, answers in [("hotpotqa", ["a", "b", "c", "d"]), ("nq", ["a", "b"])]:
@@ -1003,61 +1097,17 @@ def test_repeated_test_files_give_em_per_benchmark_and_their_average(tmp_path):
         files.append(tmp_path / name / "test.jsonl")
         files[-1].write_text("".join(json.dumps({"id": str(i), "question": f"q{i}?", "golden_answers": [a]}) + "\n"
                                      for i, a in enumerate(answers)))
-    cfg = ms.parse_args(["--tiny", "--test-file", str(files[0]), "--test-file", str(files[1]), "--eval-n", "3"])
+    cfg = parse_args(["--tiny", "--test-file", str(files[0]), "--test-file", str(files[1]), "--eval-n", "3"])
     assert cfg.test_file == [str(f) for f in files]
     _, test_qs, _ = ms.load_data(cfg)
     assert [q["source"] for q in test_qs] == ["HotpotQA"] * 3 + ["NQ"] * 2           # --eval-n is per file
     trajs = [{**ms.new_trajectory(q), "reward": float(q["source"] == "NQ" or q["id"] == "0")} for q in test_qs]
     metrics = ms.summarize(trajs)
     assert metrics["em_by_benchmark"] == {"HotpotQA": 1 / 3, "NQ": 1.0}
-    header, values = ms.benchmark_table(metrics["em_by_benchmark"]).split("\n")
+    header, values = runs.benchmark_table(metrics["em_by_benchmark"]).split("\n")
     assert header.split() == ["NQ", "HotpotQA", "Avg"]                                  # the paper's order
     assert values.split() == ["1.000", "0.333", "0.667"]                                # Avg over benchmarks
 
-
-def test_retriever_url_serves_the_rollout_one_request_per_turn(tiny, searcher):
-    """--retriever-url: the Search-R1 server API, batched per turn, with a local server answering from BM25."""
-    cfg, model, tokenizer = tiny
-
-    def bm25_server(request, n):
-        hits = searcher(request["queries"], request["topk"])
-        return 200, {"result": [[{"document": {"id": h["id"], "contents": f"{h['title']}\n{h['text']}"},
-                                  "score": h["score"]} for h in row] for row in hits]}, 0
-
-    with serve(bm25_server) as (url, server):
-        remote_cfg = tiny_config(cfg.output_dir, retriever_url=url, eval_n=6)
-        _, questions, search = ms.load_data(remote_cfg)
-        trajs = ms.rollout(model, tokenizer, search, questions, remote_cfg, greedy=True, max_turns=4,
-                           generate_fn=measure.scripted_policy(questions, 3))
-    assert len(server.requests) == 3                                     # one request per turn with searches
-    assert all(len(req["queries"]) == 6 and req["topk"] == remote_cfg.top_k for req in server.requests)
-    local = ms.rollout(model, tokenizer, searcher, questions, remote_cfg, greedy=True, max_turns=4,
-                       generate_fn=measure.scripted_policy(questions, 3))
-    assert [t["convs"] for t in trajs] == [t["convs"] for t in local]     # same passages, same token ids
-
-
-def test_a_failing_retrieval_server_keeps_the_run(tmp_path, monkeypatch):
-    cfg = tiny_config(tmp_path, pretrain_steps=0, warm_steps=0, steps=3, group_size=2, questions_per_step=2,
-                      eval_n=2, max_new_tokens=8, eval_every=0, print_every=0)
-    calls = []
-    real_rollout = ms.rollout
-
-    def rollout(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:                  # eval at step 0, step 1, then the server goes down in step 2
-            raise r.RetrievalError("retrieval server http://x/retrieve failed after 4 attempts; last error: HTTP 503")
-        return real_rollout(*args, **kwargs)
-
-    monkeypatch.setattr(ms, "rollout", rollout)
-    with pytest.raises(SystemExit, match="HTTP 503(.|\\n)*after 1 steps(.|\\n)*--resume"):
-        train(cfg)
-    assert (tmp_path / "latest").read_text().strip() == "checkpoint-000001"
-    assert runs.restore_trainer_state(torch.optim.AdamW(ms.load_policy(str(tmp_path / "checkpoint-000001"),
-                                                                        torch.device("cpu"))[0].parameters()),
-                                    tmp_path / "checkpoint-000001") == 1
-
-
-# ------------------------------------------------------------------------------------- data a user brings ---
 
 def test_two_test_files_of_one_name_get_two_columns(tmp_path):
     for folder in "ab":
@@ -1095,9 +1145,26 @@ def test_user_errors_are_one_line_bugs_keep_their_traceback(tmp_path, monkeypatc
         ms.main(args)
 
 
+def test_run_as_a_script_the_file_is_one_module(tmp_path):
+    """`python memsearcher.py` runs the file as __main__, and data/warm_start.py, which main imports, imports
+    memsearcher: it must get that same module, not a second copy (another Config class, other module state)."""
+    bare = tmp_path / "train.jsonl"                       # no hop chains: the cold start refuses it at once
+    bare.write_text(json.dumps({"id": "q1", "question": "Who?", "golden_answers": ["Me"]}) + "\n")
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['memsearcher.py', '--small', '--train-file', {str(bare)!r}]\n"
+            "try:\n    runpy.run_path('memsearcher.py', run_name='__main__')\n"
+            "except SystemExit as stop:\n    print(stop.code)\n"
+            "import data.warm_start\nprint('module:', data.warm_start.ms.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert "lack it" in result.stdout and result.stdout.rstrip().endswith("module: __main__"), result.stderr
+
+
+# ------------------------------------------------------------------------------------------- loading the data ---
+
 def test_retriever_timeout_and_retries_reach_the_server_client():
     with serve(lambda req, n: (200, search_r1_answer(req), 1.0)) as (url, server):
-        cfg = ms.parse_args(["--tiny", "--retriever-url", url, "--retriever-timeout", "0.2",
+        cfg = parse_args(["--tiny", "--retriever-url", url, "--retriever-timeout", "0.2",
                              "--retriever-retries", "1"])
         _, _, search = ms.load_data(cfg)
         start = time.time()
@@ -1113,71 +1180,3 @@ def test_a_huge_passage_is_cut_and_reported(tmp_path, capsys):
     _, _, search = ms.load_data(quick_config(tmp_path / "run", corpus=str(corpus), max_passage_chars=1000))
     hit, = [h for h in search(["word"], 2)[0] if h["id"] == "big"]
     assert len(hit["text"]) == 1000 and "cut from 4,999,999 to 1,000 characters" in capsys.readouterr().err
-
-
-def test_help_shows_every_default(capsys):
-    with pytest.raises(SystemExit):
-        ms.parse_args(["--help"])
-    text = capsys.readouterr().out
-    assert "None" not in text and "(default 5; --tiny: 8)" in text.replace("\n", " ").replace("  ", " ")
-
-
-def test_a_directory_given_as_a_file_is_named_a_directory(tmp_path):
-    for flag in ["--corpus", "--train-file", "--test-file"]:
-        with pytest.raises(SystemExit, match=f"^{flag}: {tmp_path} is a directory; give the JSONL file in it$"):
-            ms.parse_args(["--tiny", flag, str(tmp_path)])
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--retriever-timeout", "inf"], "--retriever-timeout must be positive and finite (got inf)"),
-    (["--retriever-timeout", "nan"], "--retriever-timeout must be positive and finite (got nan)"),
-    (["--retriever-url", "notaurl"], "--retriever-url: 'notaurl' is not an http:// or https:// URL"),
-    (["--top-k", "1000"], "--top-k 1000: 1000 passages cannot fit in --max-information-tokens 500 (each takes at "
-                          "least 8 tokens); use at most --top-k 62"),
-])
-def test_retriever_settings_that_cannot_work_are_refused_before_any_work(args, message):
-    with pytest.raises(SystemExit) as stop:
-        ms.parse_args(["--tiny", *args])
-    assert str(stop.value.code).startswith(message)
-
-
-def test_a_gold_answer_that_normalises_to_nothing_is_matched_only_by_itself():
-    assert ms.exact_match("!", ["..."]) == 0.0 and ms.exact_match("", ["..."]) == 0.0
-    assert ms.exact_match(" ... ", ["..."]) == 1.0 and ms.exact_match("The Paris!", ["...", "paris"]) == 1.0
-
-
-def test_information_is_cut_to_its_token_budget_and_the_first_cut_reported(tiny, searcher, monkeypatch, capsys):
-    cfg, model, tokenizer = tiny
-    monkeypatch.setattr(ms, "information_cut_reported", False)
-    questions = r.load_questions(cfg.test_file[0])[:4]
-    small = tiny_config(cfg.output_dir, top_k=5, max_information_tokens=50)
-    trajs = ms.rollout(model, tokenizer, searcher, questions, small, greedy=True, max_turns=3,
-                       generate_fn=measure.scripted_policy(questions, 2))
-    end = tokenizer("\n</information>\n", add_special_tokens=False).input_ids
-    for conv in [c for t in trajs for c in t["convs"][:2]]:               # each of these turns searched
-        runs_of_mask = [list(g) for _, g in itertools.groupby(zip(conv["ids"], conv["mask"]), key=lambda x: x[1])]
-        user_turn = [i for i, _ in runs_of_mask[2]]                      # prompt, action, then the user turn
-        user_open = ms.turn_markers(tokenizer)[1]
-        information = user_turn[len(user_open):len(user_open) + 50]
-        assert user_turn[:len(user_open)] == user_open and information[-len(end):] == end
-        assert tokenizer.decode(information).startswith("<information>")
-        assert tokenizer.decode(user_turn[len(user_open) + 50:]).startswith(ms.MEMORY_INSTRUCTION)
-    assert capsys.readouterr().err.count("cut to 50 (--max-information-tokens)") == 1
-    hits = searcher(["Ilvo Marsk"], 2)[0]                                # under the budget: as it always was
-    assert ms.information_ids(tokenizer, hits, 500) == \
-        tokenizer(ms.information_text(hits), add_special_tokens=False).input_ids
-
-
-def test_run_as_a_script_the_file_is_one_module(tmp_path):
-    """`python memsearcher.py` runs the file as __main__, and data/warm_start.py, which main imports, imports
-    memsearcher: it must get that same module, not a second copy (another Config class, other module state)."""
-    bare = tmp_path / "train.jsonl"                       # no hop chains: the cold start refuses it at once
-    bare.write_text(json.dumps({"id": "q1", "question": "Who?", "golden_answers": ["Me"]}) + "\n")
-    code = ("import runpy, sys\n"
-            f"sys.argv = ['memsearcher.py', '--small', '--train-file', {str(bare)!r}]\n"
-            "try:\n    runpy.run_path('memsearcher.py', run_name='__main__')\n"
-            "except SystemExit as stop:\n    print(stop.code)\n"
-            "import data.warm_start\nprint('module:', data.warm_start.ms.__name__)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
-    assert "lack it" in result.stdout and result.stdout.rstrip().endswith("module: __main__"), result.stderr

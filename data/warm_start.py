@@ -29,13 +29,16 @@ settings loads it and goes straight to GRPO, which starts from it and keeps it a
 at once build it once: a lock per folder makes the others wait. This file uses memsearcher.py (prompt,
 conversation format, log-probs); memsearcher.py's method never uses this file.
 """
+import functools
 import gc
 import hashlib
 import json
 import math
 import random
+import re
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -47,22 +50,26 @@ from runs import save_model, take_lock, tidy, write_atomic
 
 # Bump a workflow's number when this file changes what its warm start (tiny or cold) produces: kept ones are
 # then built again.
-WARM_START_VERSION = {"memsearcher": 4, "react": 5}
-# Everything else a warm start depends on: these settings and the data files.
+WARM_START_VERSION = {"memsearcher": 5, "react": 5}
+# Everything else a warm start depends on: these settings and the data files (a test changes each setting that is
+# not listed and checks that the warm start does not change).
 WARM_START_SETTINGS = ["seed", "tiny_hidden", "tiny_layers", "tiny_vocab", "pretrain_steps", "warm_steps",
                        "warm_batch", "warm_lr", "expert_forget", "expert_early", "max_turns", "top_k",
-                       "max_information_tokens", "micro_batch_tokens", "logprob_chunk", "grad_clip"]
+                       "max_information_tokens", "max_passage_chars", "micro_batch_tokens", "logprob_chunk",
+                       "grad_clip", "cpu_bf16"]
 # A cold start's: the imitation's settings (the tiny model's are not used), and the model (model_identity).
 COLD_START_SETTINGS = ["seed", "warm_steps", "warm_batch", "cold_lr", "expert_forget", "expert_early", "max_turns",
-                       "top_k", "max_information_tokens", "micro_batch_tokens", "logprob_chunk", "grad_clip"]
+                       "top_k", "max_information_tokens", "max_passage_chars", "micro_batch_tokens", "logprob_chunk",
+                       "grad_clip", "cpu_bf16"]
 
 
 def warm_started(cfg):
     """The policy GRPO starts from, and keeps as its KL reference: the tiny model's warm start, another model's
-    cold start when --warm-steps asks for one, or --model itself."""
+    cold start when --warm-steps asks for one, or --model itself (a GGUF file: its plain copy)."""
     if cfg.model == "tiny":
         return tiny_policy(cfg)
-    return cold_start(cfg) if cfg.warm_steps else cfg.model
+    model = plain_copy(cfg) if cfg.model.endswith(".gguf") else cfg.model
+    return cold_start(cfg, model) if cfg.warm_steps else model
 
 
 def tiny_policy(cfg):
@@ -71,25 +78,27 @@ def tiny_policy(cfg):
     return kept(cfg, "tiny", settings, build_tiny)
 
 
-def cold_start(cfg):
+def cold_start(cfg, model):
     """--model PATH_OR_HUB_ID with --warm-steps -> the folder of the model after imitating the expert: built and
-    kept the first time, then reused."""
+    kept the first time, then reused. `model`: what loads --model (a GGUF file's plain copy)."""
     settings = {name: getattr(cfg, name) for name in COLD_START_SETTINGS}
     settings["model"] = model_identity(cfg.model)
     path = Path(cfg.model).expanduser()
-    name = path.resolve().name if path.is_dir() else cfg.model.split("/")[-1]   # Qwen/Qwen2.5-0.5B-Instruct
-    return kept(cfg, name, settings, build_cold)
+    name = path.resolve().name if path.is_dir() else path.name    # Qwen/Qwen2.5-0.5B-Instruct, model.gguf
+    return kept(cfg, name, settings, functools.partial(build_cold, model))
 
 
 def model_identity(model):
-    """--model as a cold start's settings name it: a hub id by its name; a local folder by its path and its
-    files' names, sizes and modification times, so that a model saved again into the same folder gets a cold
+    """--model as a cold start's settings name it: a hub id by its name; a local folder or file by its path and
+    its files' names, sizes and modification times, so that a model saved again into the same place gets a cold
     start of its own (hashing the weights themselves would read gigabytes at every run)."""
     path = Path(model).expanduser()
-    if not path.is_dir():
+    if not path.exists():
         return model
-    return {"path": str(path.resolve()), "files": sorted(
-        [str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in path.rglob("*") if f.is_file())}
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return {"path": str(path.resolve()), "files": [[str(f.relative_to(path)) if path.is_dir() else f.name,
+                                                    f.stat().st_size, f.stat().st_mtime_ns]
+                                                   for f in files if f.is_file()]}
 
 
 def kept(cfg, name, settings, build):
@@ -112,6 +121,38 @@ def kept(cfg, name, settings, build):
     with lock:
         tidy(folder.parent, prefix=folder.name)         # what a killed build of this folder left
         return reuse_or_build(cfg, folder, settings, questions, build)
+
+
+def plain_copy(cfg):
+    """--model FILE.gguf -> a folder holding it as a plain fp32 model: made once, kept in --warm-start-dir.
+
+    transformers reads a GGUF file (with the gguf and accelerate packages) and dequantizes its tensors to fp32, but
+    the model it returns still carries the file's quantization (save_pretrained refuses it, and a config copied from
+    it would ask for the GGUF file again). Its weights go into a model built from the same config without that
+    entry: one that trains, saves, checkpoints and resumes like any other."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = Path(cfg.model).expanduser().resolve()
+    digest = hashlib.sha1(json.dumps(model_identity(cfg.model)).encode()).hexdigest()[:10]
+    folder = Path(cfg.warm_start_dir) / f"{gguf.stem}-{digest}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock, _ = take_lock(folder.parent / f".lock-{folder.name}", wait=True)   # one copy made at a time
+    with lock:
+        tidy(folder.parent, prefix=folder.name)         # what a killed copy left
+        if folder.exists() and not cfg.rebuild_warm_start:
+            if why := damage(folder):
+                raise SystemExit(f"{gguf.name}: its plain copy {folder} is damaged ({why}): --rebuild-warm-start "
+                                 "makes it again")
+            return str(folder)
+        print(f"{gguf.name}: dequantizing it into a plain fp32 model, kept in {folder} for later runs")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = quantized.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config = quantized.generation_config
+        save_model(model, tokenizer, folder)            # whole or not at all: a temporary folder, then renamed
+    return str(folder)
 
 
 def training_questions(cfg):
@@ -170,18 +211,18 @@ def build_tiny(cfg, questions, log):
     if cfg.pretrain_steps:
         log["pretrain"] = pretrain(model, tokenizer, questions, cfg)
     if cfg.warm_steps:
-        log["imitation"] = imitate(model, tokenizer, local_searcher(cfg.corpus, show_progress=False), questions, cfg,
-                                   cfg.warm_lr)
+        search = local_searcher(cfg.corpus, show_progress=False, max_chars=cfg.max_passage_chars)
+        log["imitation"] = imitate(model, tokenizer, search, questions, cfg, cfg.warm_lr)
     return model, tokenizer
 
 
-def build_cold(cfg, questions, log):
+def build_cold(model_path, cfg, questions, log):
     """A pretrained model's cold start: it imitates the expert, nothing more -> (model, tokenizer)."""
-    search = local_searcher(cfg.corpus, show_progress=False)   # reads the corpus: a bad line stops here
+    search = local_searcher(cfg.corpus, show_progress=False, max_chars=cfg.max_passage_chars)   # a bad line stops here
     print(f"warm start: {cfg.model} imitates the scripted expert for {cfg.warm_steps} steps (a cold start, "
           f"learning rate {cfg.cold_lr}); it is kept in {cfg.warm_start_dir} for later runs with these settings")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = ms.load_policy(cfg.model, device)
+    model, tokenizer = ms.load_policy(model_path, device)
     if device.type == "cuda":
         model.gradient_checkpointing_enable()           # as in GRPO: a micro-batch's activations would not fit
     log["imitation"] = imitate(model, tokenizer, search, questions, cfg, cfg.cold_lr)
@@ -269,7 +310,7 @@ def pretrain(model, tokenizer, questions, cfg, batch=16, length=256):
     for _ in bar:
         rows = [{"ids": ids, "mask": [0] + [1] * (len(ids) - 1)} for ids in rng.sample(chunks, batch)]
         ids, attention, mask, _ = ms.collate(rows, tokenizer.pad_token_id, model.device)
-        with ms.autocast(model.device):
+        with ms.autocast(model.device, cfg.cpu_bf16):
             logp = ms.token_logprobs(model, ids, attention, mask, cfg.logprob_chunk)
         loss = -(logp * mask).sum() / mask.sum()                    # every token is a target here
         optimizer.zero_grad(set_to_none=True)
@@ -332,7 +373,7 @@ def expert_trajectory(question, search, tokenizer, cfg, rng):
             break
         hop = missing[0]
         act(conv, EXPERT_SEARCH.format(hop["query"]))
-        if turn == cfg.max_turns - 1:
+        if cfg.workflow == "react" and turn == cfg.max_turns - 1:    # as in ms.rollout: no next action to read in
             t["stop"] = "max_turns"
             break
         hits = search([hop["query"]], cfg.top_k)[0]
@@ -347,8 +388,37 @@ def expert_trajectory(question, search, tokenizer, cfg, rng):
         else:
             restate = hop["fact"] if kept else ""
     t["stop"] = t["stop"] or "max_turns"
-    t["reward"] = ms.trajectory_reward(t, cfg.reward)
+    t["reward"] = ms.trajectory_reward(t, "em")             # exact match, whatever --reward is: its failure rate
     return t
+
+
+def scripted_policy(questions, searches):
+    """A stand-in for the model with generate()'s signature, for measuring context lengths on any machine.
+
+    It knows each toy-world question's hop chain: it searches `searches` times, walking the chain again from
+    the start when it runs out of hops, and then answers with the gold answer. Its memory holds every
+    supporting fact it has read. Its texts are tokenized (they were never sampled) and end its turn, so it
+    measures lengths, not learning.
+    """
+    by_text = {q["question"]: q for q in questions}
+    calls = Counter()                                      # action phases so far, per question
+
+    def generate_fn(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
+        end_of_turn, outs = ms.turn_markers(tokenizer)[0], []
+        for context in contexts:
+            text = tokenizer.decode(context)
+            q = by_text[re.findall(r"<question> (.*?) </question>", text)[-1]]
+            if ms.MEMORY_INSTRUCTION in text:                # asked for its memory (MemSearcher's conversations)
+                facts = [h["fact"] for h in q["support"] if h["fact"] in text]
+                out = EXPERT_MEMORY.format(" ".join(dict.fromkeys(facts)))
+            else:
+                calls[q["question"]] += 1
+                n = calls[q["question"]]
+                out = (EXPERT_SEARCH.format(q["support"][(n - 1) % len(q["support"])]["query"]) if n <= searches
+                       else EXPERT_ANSWER.format(q["golden_answers"][0]))
+            outs.append((tokenizer(out, add_special_tokens=False).input_ids + [end_of_turn], out, True))
+        return outs
+    return generate_fn
 
 
 def warmup_cosine(optimizer, steps, warmup=20):
@@ -371,7 +441,7 @@ def imitate(model, tokenizer, search, questions, cfg, lr):
     rng = random.Random(cfg.seed)
     experts = expert_trajectories(questions, search, tokenizer, cfg)
     rows = [c for t in experts for c in t["convs"]]
-    flawed = sum(ms.trajectory_reward(t, "em") == 0 for t in experts) / len(experts)     # whatever --reward is
+    flawed = sum(t["reward"] == 0 for t in experts) / len(experts)
     print(f"imitation: {len(experts)} expert trajectories ({flawed:.0%} end without the right answer), "
           f"{len(rows)} conversations")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -388,7 +458,7 @@ def imitate(model, tokenizer, search, questions, cfg, lr):
         total = 0.0
         for micro in ms.pack_micro_batches(batch, cfg.micro_batch_tokens):
             ids, attention, mask, _ = ms.collate(micro, tokenizer.pad_token_id, model.device)
-            with ms.autocast(model.device):
+            with ms.autocast(model.device, cfg.cpu_bf16):
                 logp = ms.token_logprobs(model, ids, attention, mask, cfg.logprob_chunk)
             loss = -(logp * mask).sum() / n_tokens                  # mean negative log-likelihood per token
             loss.backward()

@@ -2,6 +2,7 @@
 
     python docs/measure.py both-trained --tiny --seeds 0 1 2
     python docs/measure.py compare --tiny --model runs/tiny/checkpoint-000030 --questions-per-step 5
+    python docs/measure.py smol-speed runs/warm-start/SmolLM2-135M-Instruct.Q4_1-memsearcher-seed0-...
     python docs/measure.py small-rehearsal
     python docs/measure.py logprob-memory
     python docs/measure.py sampler
@@ -15,6 +16,8 @@ compare: one policy, both workflows (MemSearcher and ReAct) on the same test que
 tokens processed, peak memory; the same with a scripted policy that searches until the last turn (lengths
 only); and rollout throughput, batched as in training vs one trajectory at a time. Any memsearcher.py flag
 works after `compare` (--tiny builds or reuses the warm-started tiny model), plus --compare-turns.
+smol-speed: one --smol GRPO step (8 questions x G=4) from a cold-started model: rollout and update time in fp32
+and under bf16 autocast, and the update's time and peak memory by micro-batch size.
 small-rehearsal: `--small`'s whole path on the CPU (cold start, pre-flight, two GRPO steps with its settings,
 checkpoints, --resume, evaluation) with Qwen2.5's real tokenizer and a random Qwen2.5-0.5B-shaped model cut to
 --layers; the time of each phase and each process's peak memory.
@@ -30,7 +33,6 @@ import multiprocessing
 import re
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,53 +41,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # memsearcher.py and data/ live one up
 import memsearcher as ms                                             # noqa: E402
 import retriever                                                     # noqa: E402
-from data.warm_start import EXPERT_ANSWER, EXPERT_MEMORY, EXPERT_SEARCH, small_qwen2, warm_started  # noqa: E402
-
-
-def qwen25_05b_shaped(layers=24):
-    """Qwen2.5-0.5B's exact shape with random weights, built offline (no hub): 24 layers of hidden 896, 14 heads
-    sharing 2 key/value heads, MLP 4864, the 151,936-token vocabulary, tied embeddings, rope theta 1e6.
-    `layers` cuts it down for tests and measurements on a CPU."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    return Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
-        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645))
+import settings                                                      # noqa: E402
+from data.qwen_tokenizer import qwen25_05b_shaped                   # noqa: E402
+from data.warm_start import scripted_policy, small_qwen2, warm_started  # noqa: E402
 
 
 # -----------------------------------------------------------------------------------------------------------
 # MemSearcher vs ReAct: the paper's trade-off, measured. The same policy, the same test questions, both
 # workflows. ReAct keeps every turn in one context, so its context and its cost grow with the turns;
 # MemSearcher's context holds the question and the memory only, so it stays flat.
-
-def scripted_policy(questions, searches):
-    """A stand-in for the model with generate()'s signature, for measuring context lengths on any machine.
-
-    It knows each toy-world question's hop chain: it searches `searches` times, walking the chain again from
-    the start when it runs out of hops, and then answers with the gold answer. Its memory holds every
-    supporting fact it has read. Its texts are tokenized (they were never sampled) and end its turn, so it
-    measures lengths, not learning.
-    """
-    by_text = {q["question"]: q for q in questions}
-    calls = Counter()                                      # action phases so far, per question
-
-    def generate_fn(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0):
-        end_of_turn, outs = ms.turn_markers(tokenizer)[0], []
-        for context in contexts:
-            text = tokenizer.decode(context)
-            q = by_text[re.findall(r"<question> (.*?) </question>", text)[-1]]
-            if ms.MEMORY_INSTRUCTION in text:                # asked for its memory (MemSearcher's conversations)
-                facts = [h["fact"] for h in q["support"] if h["fact"] in text]
-                out = EXPERT_MEMORY.format(" ".join(dict.fromkeys(facts)))
-            else:
-                calls[q["question"]] += 1
-                n = calls[q["question"]]
-                out = (EXPERT_SEARCH.format(q["support"][(n - 1) % len(q["support"])]["query"]) if n <= searches
-                       else EXPERT_ANSWER.format(q["golden_answers"][0]))
-            outs.append((tokenizer(out, add_special_tokens=False).input_ids + [end_of_turn], out, True))
-        return outs
-    return generate_fn
-
 
 def peak_memory_mb(device):
     """CUDA: peak allocated since the last reset. CPU: the process's peak resident set so far."""
@@ -226,7 +190,7 @@ def train_one(cfg):
     import runs
     initial = warm_started(cfg)
     t0 = time.time()
-    ms.train_and_evaluate(cfg, initial)
+    ms.grpo_run(cfg, initial)
     records = runs.read_metrics(Path(cfg.output_dir))
     evals, steps = [r["eval"] for r in records if "eval" in r], [r for r in records if "reward" in r]
     return {"before": evals[0], "after": evals[-1], "run_s": round(time.time() - t0, 1),
@@ -240,8 +204,8 @@ def both_trained(argv, seeds, out):
     results = {}
     for seed in seeds:
         for workflow in ms.WORKFLOWS:
-            cfg = ms.parse_args([*argv, "--workflow", workflow, "--seed", str(seed),
-                                 "--output-dir", str(out / f"{workflow}-seed{seed}")])
+            cfg = settings.parse_args([*argv, "--workflow", workflow, "--seed", str(seed),
+                                       "--output-dir", str(out / f"{workflow}-seed{seed}")], ms.Config, ms.PRESETS)
             print(f"\n=== {workflow}, seed {seed} ===", flush=True)
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 results[f"{workflow} seed {seed}"] = pool.apply(train_one, (cfg,))
@@ -412,6 +376,52 @@ def plot_curves(out):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# --smol's speed and memory on a CPU: one GRPO step's rollout and update (its settings: 8 questions x G=4), in fp32
+# and under bf16 autocast, and the update's peak memory by micro-batch size. The choices of the preset come from
+# these figures.
+
+def peak_rss_gb(reset=False):
+    """The process's peak resident memory since the last reset (Linux: VmHWM, reset through clear_refs)."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 1e6
+
+
+def smol_speed(folder, micro_batches):
+    """A cold-started --smol model (`folder`): the same step's rollout and update in fp32 and bf16 autocast, then
+    the bf16 update with each micro-batch size -> a table, also as JSON in `folder`/../smol_speed.json."""
+    cfg = settings.parse_args(["--smol", "--model", str(folder), "--warm-steps", "0"], ms.Config, ms.PRESETS)
+    train_qs, _, search = ms.load_data(cfg)
+    model, tokenizer = ms.load_policy(str(folder), torch.device("cpu"))
+    results = {"bf16 supported": ms.cpu_computes_bf16()}
+
+    def one_step(**overrides):
+        step_cfg = ms.Config(**{**cfg.__dict__, **overrides})
+        policy, _ = ms.load_policy(str(folder), torch.device("cpu"))          # every step from the same weights
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=step_cfg.lr, weight_decay=step_cfg.weight_decay)
+        batch = ms.begin_step(train_qs, step_cfg, 0)
+        peak_rss_gb(reset=True)
+        _, stats = ms.grpo_step(policy, None, optimizer, tokenizer, search, batch, step_cfg)
+        return {"rollout_s": stats["rollout_s"], "update_s": round(stats["step_s"] - stats["rollout_s"], 1),
+                "sampled_tokens_per_s": stats["sampled_tokens_per_s"], "peak_rss_gb": round(peak_rss_gb(), 2)}
+
+    for cpu_bf16 in (False, True):
+        results[f"{'bf16' if cpu_bf16 else 'fp32'}, micro-batch {cfg.micro_batch_tokens}"] = one_step(cpu_bf16=cpu_bf16)
+        print(results, flush=True)
+    for tokens in micro_batches:
+        if tokens != cfg.micro_batch_tokens:
+            results[f"bf16, micro-batch {tokens}"] = one_step(micro_batch_tokens=tokens)
+            print(results, flush=True)
+    del model
+    print(f"{'':28}{'rollout s':>10}{'update s':>10}{'tokens/s':>10}{'peak GB':>9}")
+    for name, r in results.items():
+        if isinstance(r, dict):
+            print(f"{name:28}{r['rollout_s']:>10}{r['update_s']:>10}{r['sampled_tokens_per_s']:>10}"
+                  f"{r['peak_rss_gb']:>9}")
+    (Path(folder).parent / "smol_speed.json").write_text(json.dumps(results, indent=1))
+
+
+# -----------------------------------------------------------------------------------------------------------
 # `--small` rehearsed on a CPU: Qwen2.5-Instruct's real tokenizer and a random model of Qwen2.5-0.5B's shape cut
 # to a layer or two, through every phase of `python memsearcher.py --small` with its GRPO settings (the KL
 # term, two updates per step, log-probs in chunks of 256), at a size a CPU finishes in minutes. Random weights never
@@ -568,7 +578,8 @@ def bm25_at_scale(sizes, n_queries=100, seed=0):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["compare", "both-trained", "small-rehearsal", "logprob-memory", "sampler", "bm25", "curves"]
+    commands = ["compare", "both-trained", "smol-speed", "small-rehearsal", "logprob-memory", "sampler", "bm25",
+                "curves"]
     if not argv or argv[0] not in commands:
         raise SystemExit(__doc__.split("\n\n")[1] + f"\nusage: python docs/measure.py {{{','.join(commands)}}} ...")
     command, rest = argv[0], argv[1:]
@@ -578,13 +589,19 @@ def main(argv=None):
         own, rest = parser.parse_known_args(rest)
         if own.compare_turns < 2:
             raise SystemExit("--compare-turns must be at least 2 (one search, one answer)")
-        compare(ms.parse_args(rest), own.compare_turns)
+        compare(settings.parse_args(rest, ms.Config, ms.PRESETS), own.compare_turns)
     elif command == "both-trained":
         parser = argparse.ArgumentParser(prog="docs/measure.py both-trained", add_help=False)
         parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per workflow and seed")
         parser.add_argument("--out", default="runs/both-trained", help="where the runs, table and PNG go")
         own, rest = parser.parse_known_args(rest)
         both_trained(rest, own.seeds, Path(own.out))
+    elif command == "smol-speed":
+        parser = argparse.ArgumentParser(prog="docs/measure.py smol-speed")
+        parser.add_argument("folder", help="a cold-started --smol model (runs/warm-start/SmolLM2-...-memsearcher-...)")
+        parser.add_argument("--micro-batch-tokens", type=int, nargs="+", default=[1024, 2048, 4096])
+        args = parser.parse_args(rest)
+        smol_speed(Path(args.folder), args.micro_batch_tokens)
     elif command == "small-rehearsal":
         parser = argparse.ArgumentParser(prog="docs/measure.py small-rehearsal")
         parser.add_argument("--layers", type=int, default=1, help="of Qwen2.5-0.5B's 24")
