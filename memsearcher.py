@@ -13,8 +13,8 @@ its conversations.
 
 Read it top to bottom, in the paper's order: config -> prompt and parsing -> the memory-updating rollout (then
 the batched generation under it) -> the reward -> multi-context GRPO (advantages, rows, loss, log-probs, update)
--> one GRPO step -> the training loop (evaluate, step, log, save) -> main. After main, an appendix of plumbing:
-loading the data, printing, the command line.
+-> one GRPO step -> the training loop (evaluate, step, log, save) -> main. After main, an appendix: loading the
+data.
 
     python memsearcher.py           # --small when a CUDA GPU is present, --tiny otherwise
     python memsearcher.py --tiny    # a tiny Qwen2 built offline, warm-started once, then GRPO on the CPU
@@ -22,10 +22,11 @@ loading the data, printing, the command line.
     python memsearcher.py --small   # Qwen2.5-0.5B-Instruct from the hub, cold-started, full finetuning on one GPU
     python memsearcher.py --help    # every setting
 
-Beside this file, and never needed to read it: retriever.py (FlashRAG files, BM25, a retrieval-server client),
-runs.py (the run folder: checkpoints, resume, one run at a time), data/ (the toy world, and warm_start.py: the
-warm start on it that teaches a model the format before GRPO, a teaching aid) and docs/ (the README's
-measurements).
+Beside this file, and never needed to read it: settings.py (the command line; every setting checked before any
+work), runs.py (the run: its folder, checkpoints and resume, several processes under torchrun, what it prints),
+retriever.py (FlashRAG files, BM25, a retrieval server and its client), data/ (the toy world, and
+warm_start.py: the warm start on it that teaches a model the format before GRPO, a teaching aid) and docs/ (the
+README's measurements).
 
 Deviations from the official code (icip-cas/MemSearcher, built on verl + vLLM) that change what is trained. The
 README's table lists every difference, those of cost and form too, each with where it is here and there.
@@ -525,7 +526,6 @@ def generate(model, tokenizer, contexts, max_new_tokens, greedy, temperature=1.0
         ids = ids if end is None else ids[:end + 1]
         results.append((ids, tokenizer.decode(ids, skip_special_tokens=True), end is not None))
     return results
-
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -981,6 +981,7 @@ def test_padded_rows_get_the_same_logprobs_as_alone(tiny):
         assert (alone != 0).tolist() == [False] + [bool(m) for m in row["mask"][1:]]
 
 
+@pytest.mark.slow
 def test_small_update_with_qwen_vocabulary_kl_and_two_updates(tiny, monkeypatch):
     """The --small update on the CPU: a Qwen2.5-0.5B-shaped layer (hidden 896, 14 heads, 2 KV heads) with the full
     151,936-token vocabulary, two PPO updates per batch, the k3 KL to a frozen reference. The KL starts at 0 (the

@@ -126,6 +126,7 @@ def test_render_prompt_is_chatml_with_the_assistant_header(tok):
     assert "<memory>" not in tok.decode(react) and react[-5:] == ASSISTANT_HEADER
 
 
+@pytest.mark.slow
 def test_load_policy_ends_on_im_end_and_endoftext(policy):
     model, tok = policy
     assert set(model.generation_config.eos_token_id) == {IM_END, ENDOFTEXT}
@@ -147,6 +148,7 @@ def test_turn_markers_and_the_user_turn_after_a_search_are_qwen_chatml(tok):
         assert tok.decode(ids) == text and ids == ids_of(tok, text)
 
 
+@pytest.mark.slow
 def test_sampler_and_generate_over_151936_rows(policy):
     """The model's logits have 151,936 entries, 271 more than the tokenizer has ids: the sampler draws from all
     of them, and an id past the tokenizer's decodes to nothing instead of failing."""
@@ -191,6 +193,7 @@ def test_information_is_cut_with_its_closing_tag_in_qwen_tokens(tok):
     assert len(cut) == 40 and cut[-len(end):] == end and cut[:40 - len(end)] == whole[:40 - len(end)]
 
 
+@pytest.mark.slow
 def test_rollout_masks_and_logprobs_with_qwen_ids(policy):
     """One --small trajectory with scripted outputs (search, memory, answer), each ending its turn with <|im_end|>:
     each turn's conversation starts with the ChatML prompt of that turn's memory, masks are 1 exactly on what the

@@ -87,6 +87,7 @@ def test_one_run_per_folder(tmp_path):
     runs.open_run(ms.Config(**{**asdict(cfg), "resume": False}))
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_logs_every_step_once(tmp_path, learning, reference_runs):
     out = tmp_path / "run"
     train(quick_config(out, steps=2, save_every=1))
@@ -265,6 +266,7 @@ def test_the_reference_run_learns(reference_runs):
 
 # ------------------------------------------------------------------------------- a kill at any point of a save ---
 
+@pytest.mark.slow
 def test_a_kill_at_any_point_of_the_final_save_leaves_a_run_that_resumes(tmp_path, monkeypatch, learning,
                                                                           reference_runs):
     """The folder as a kill would leave it before each rename or delete of the final save (--save-every dividing
@@ -303,6 +305,17 @@ def test_a_complete_copy_left_by_a_killed_save_is_put_back_not_removed(tmp_path,
 
 
 # ------------------------------------------------------------------------------------- refused before any work ---
+
+def test_a_cpu_run_that_needs_more_memory_than_is_free_is_warned_before_the_work(tiny):
+    """The estimate grows with --micro-batch-tokens; the tiny preset needs far less than any machine has."""
+    cfg, model, _ = tiny
+    assert runs.memory_warning(model, cfg) is None
+    free_kb = int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0])
+    per_token = model.config.num_hidden_layers * model.config.hidden_size * 96
+    too_many = ms.Config(**{**asdict(cfg), "micro_batch_tokens": free_kb * 1024 // per_token + 1})
+    warning = runs.memory_warning(model, too_many)
+    assert "may be killed for memory" in warning and f"--micro-batch-tokens ({too_many.micro_batch_tokens}" in warning
+
 
 def test_what_can_be_checked_is_refused_before_any_work(tmp_path, monkeypatch):
     """Each refusal comes before the warm start or the index is built, and leaves the earlier run as it was."""

@@ -19,7 +19,7 @@ import data.warm_start as warm
 import memsearcher as ms
 import retriever as r
 import runs
-from conftest import ROOT, parity_reward, parse_args, tiny_config, tiny_llama, train, weights
+from conftest import ROOT, parity_reward, parse_args, quick_config, tiny_config, tiny_llama, train, weights
 from retriever import local_searcher
 
 
@@ -80,6 +80,7 @@ def test_react_expert_makes_the_same_mistakes_in_one_masked_conversation(tiny, s
         assert (t["stop"] == "answered") == (actions[-1][0] == "answer")
 
 
+@pytest.mark.slow
 def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys, monkeypatch):
     """A later run with the same settings loads the kept warm start, and its GRPO run is the same run."""
     few = tmp_path / "train.jsonl"                        # 100 questions: the expert plays every one
@@ -323,3 +324,19 @@ def test_a_gguf_file_becomes_a_plain_fp32_model_once(tiny, tiny_gguf, tmp_path, 
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     assert copied.apply_chat_template(messages, tokenize=False) == tokenizer.apply_chat_template(messages,
                                                                                                  tokenize=False)
+
+
+def test_a_run_from_a_gguf_file_saves_resumes_and_loads_with_no_gguf_left(tiny_gguf, tmp_path):
+    """--smol's path, on the tiny GGUF file: a GRPO step saved, --resume for a second one, and checkpoints that are
+    plain model folders (no GGUF quantization named in them: a saved GGUF-quantized model cannot be saved again)."""
+    gguf_path, _ = tiny_gguf
+    cfg = quick_config(tmp_path / "run", model=str(gguf_path), steps=1)
+    train(cfg)
+    train(ms.Config(**{**asdict(cfg), "steps": 2, "resume": True}))
+    checkpoint = runs.latest_checkpoint(tmp_path / "run")
+    assert checkpoint.name == "checkpoint-000002"
+    assert [rec["step"] for rec in runs.read_metrics(tmp_path / "run") if "reward" in rec] == [1, 2]
+    assert "quantization_config" not in json.loads((checkpoint / "config.json").read_text())
+    assert not list(checkpoint.rglob("*.gguf"))
+    model, _ = ms.load_policy(str(checkpoint), torch.device("cpu"))
+    assert model.config.model_type == "llama" and next(model.parameters()).dtype == torch.float32

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 import memsearcher as ms
 from retriever import format_hits, load_corpus, local_searcher
-from runs import save_model, take_lock, tidy, write_atomic
+from runs import memory_warning, save_model, take_lock, tidy, write_atomic
 
 # Bump a workflow's number when this file changes what its warm start (tiny or cold) produces: kept ones are
 # then built again.
@@ -223,6 +223,9 @@ def build_cold(model_path, cfg, questions, log):
           f"learning rate {cfg.cold_lr}); it is kept in {cfg.warm_start_dir} for later runs with these settings")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = ms.load_policy(model_path, device)
+    warning = memory_warning(model, cfg)
+    if warning:
+        print(warning)
     if device.type == "cuda":
         model.gradient_checkpointing_enable()           # as in GRPO: a micro-batch's activations would not fit
     log["imitation"] = imitate(model, tokenizer, search, questions, cfg, cfg.cold_lr)
