@@ -90,7 +90,7 @@ def flag(default, help, must_be=None):
     return field(default=default, metadata=metadata)
 
 
-WORKFLOWS = ["memsearcher", "react"]       # the method, and the ReAct (Search-R1) baseline it is compared with
+WORKFLOWS = ["memsearcher", "react"]       # the method, and the ReAct baseline it is compared with
 REWARDS = ["em", "f1"]                     # exact match; the official token F1 (the reward's section says more)
 
 
@@ -208,8 +208,9 @@ SYSTEM_PROMPT = (
 # the model replies to, and not only in the system prompt.
 MEMORY_INSTRUCTION = ("Rewrite your memory: keep the facts from your previous memory that help answer the "
                       "question, add the new ones from these results, and write it inside <memory> </memory>.")
-# The ReAct (Search-R1) baseline: the same tags without the memory. Its single conversation keeps every
-# action and every retrieved passage, so it needs no memory.
+# The ReAct baseline: the same tags without the memory. Its single conversation keeps every action and every
+# retrieved passage, so it needs no memory. The passages come back in a user turn, as in the official
+# repository's ReCall baseline (Search-R1 appends them inside the model's own message).
 REACT_SYSTEM_PROMPT = (
     "Answer the question with a search engine. Think inside <think> </think>, then either answer inside "
     "<answer> </answer> or search inside <search> </search>, and end your turn. The results come back inside "

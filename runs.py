@@ -542,11 +542,12 @@ def preflight(m, reward):
 def memory_warning(model, cfg):
     """On a CPU, a warning when training `model` would need more memory than the machine has free, else None.
 
-    An estimate, made before the work: per parameter, gradients 4 bytes and AdamW's two moments 8 (the fp32
-    weights are loaded already), and 4 more for a reference model (with the KL term); then the activations a
-    micro-batch keeps for the backward pass, about 96 bytes per token, layer and hidden unit (measured with
-    SmolLM2-135M under bf16 autocast: 3.4 GB more peak memory from --micro-batch-tokens 2048 to 4096), and 1 GB
-    of working room. On a GPU, gradient checkpointing and the card's own memory make it another question."""
+    An estimate of one step's need, made before the work: per parameter, gradients 4 bytes and AdamW's two moments
+    8 (the fp32 weights are loaded already), and 4 more for a reference model (with the KL term); then the
+    activations a micro-batch keeps for the backward pass, about 96 bytes per token, layer and hidden unit
+    (measured with SmolLM2-135M under bf16 autocast: 3.4 GB more peak memory from --micro-batch-tokens 2048 to
+    4096), and 1 GB of working room. It is a floor: a long run's process grows past it (--smol's, by about 0.1 GB
+    a step). On a GPU, gradient checkpointing and the card's own memory make it another question."""
     meminfo = Path("/proc/meminfo")
     if model.device.type != "cpu" or not meminfo.exists():
         return None
@@ -557,7 +558,7 @@ def memory_warning(model, cfg):
             cfg.micro_batch_tokens * c.num_hidden_layers * c.hidden_size * 96)
     if need <= free_kb * 1024:
         return None
-    return (f"warning: training {cfg.model} here needs about {need / 2**30:.1f} GB more memory, and "
+    return (f"warning: training {cfg.model} here needs at least {need / 2**30:.1f} GB more memory, and "
             f"{free_kb / 2**20:.1f} GB is free: the run may be killed for memory. Lower --micro-batch-tokens "
             f"({cfg.micro_batch_tokens}; each 1,000 tokens cost about "
             f"{1000 * c.num_hidden_layers * c.hidden_size * 96 / 2**30:.1f} GB here), or use a smaller model.")

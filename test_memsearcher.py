@@ -309,6 +309,8 @@ def test_rollout_counts_every_stop_reason(formatted):
     questions = r.load_questions(cfg.test_file[0])[:16]
     short = tiny_config(cfg.output_dir, max_turns=2, max_new_tokens=12)
     trajs = ms.rollout(model, tokenizer, searcher, questions, short)
+    for t in trajs:
+        t["reward"] = ms.trajectory_reward(t)
     stops = ms.summarize(trajs)["stops"]
     assert sum(stops.values()) == len(questions)
     assert "action_truncated" in stops or "memory_truncated" in stops    # 12 tokens cannot hold the format
@@ -1077,17 +1079,18 @@ def test_grpo_step_groups_G_copies_and_gives_every_conversation_its_advantage(ti
 
 @pytest.mark.slow
 def test_grpo_lifts_greedy_em_over_the_imitator(learned):
-    """Multi-context GRPO must beat the imperfect imitator by 8 EM points on the 60 test questions.
+    """Multi-context GRPO must beat the imperfect imitator by 5 EM points (3 of the 60 test questions).
 
-    The margin sits between the real method and broken ones, measured with this seed by
-    `python docs/mutants.py --learning 1 4 5` (EM before -> after GRPO): the method as it is 0.033 -> 0.183;
-    the advantage's sign flipped 0.033 -> 0.000; every token of a conversation trained 0.033 -> 0.067; the
-    advantage only on each trajectory's final conversation 0.033 -> 0.017 (the forgetting happens in the
-    memory-writing turns before it).
+    The threshold sits halfway between the real method and the best broken one, measured with this seed by
+    `python docs/mutants.py --learning 1 4 5` (EM before -> after GRPO): the method as it is 0.033 -> 0.133 (+6
+    questions); the advantage's sign flipped 0.033 -> 0.000; every token of a conversation trained 0.033 -> 0.017;
+    the advantage only on each trajectory's final conversation 0.033 -> 0.033 (the forgetting happens in the
+    memory-writing turns before it). Another CPU may round floats otherwise and sample other trajectories, so the
+    threshold keeps 3 questions of room on either side rather than sitting next to one run's figure.
     """
     _, before, after = learned
     print(f"learning test: greedy EM {before['em']:.3f} -> {after['em']:.3f}")      # docs/mutants.py --learning
-    assert after["em"] - before["em"] >= 0.08, (before, after)
+    assert after["em"] - before["em"] > 0.04, (before, after)       # 3 questions or more (2 are 0.033)
     assert after["answered"] > before["answered"]
 
 

@@ -20,6 +20,10 @@ import memsearcher as ms
 from data.qwen_tokenizer import DEFAULT_SYSTEM, NOT_SPECIAL, SPECIAL, qwen25_05b_shaped, qwen25_tokenizer, qwen_ranks
 from data.warm_start import QWEN_SPLIT
 
+# The whole file is in the slow tier: building Qwen's 151,643-token tokenizer takes seconds, and these tests
+# check --small's tokens, not a piece of the method (test_memsearcher.py checks those on the tiny tokenizer).
+pytestmark = pytest.mark.slow
+
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
 ASSISTANT_HEADER = [IM_END, 198, IM_START, 77091, 198]        # <|im_end|> \n <|im_start|> assistant \n
 VOCAB_ROWS = 151_936                                          # Qwen2.5's embedding: 271 rows past the tokenizer
@@ -126,7 +130,6 @@ def test_render_prompt_is_chatml_with_the_assistant_header(tok):
     assert "<memory>" not in tok.decode(react) and react[-5:] == ASSISTANT_HEADER
 
 
-@pytest.mark.slow
 def test_load_policy_ends_on_im_end_and_endoftext(policy):
     model, tok = policy
     assert set(model.generation_config.eos_token_id) == {IM_END, ENDOFTEXT}
@@ -148,7 +151,6 @@ def test_turn_markers_and_the_user_turn_after_a_search_are_qwen_chatml(tok):
         assert tok.decode(ids) == text and ids == ids_of(tok, text)
 
 
-@pytest.mark.slow
 def test_sampler_and_generate_over_151936_rows(policy):
     """The model's logits have 151,936 entries, 271 more than the tokenizer has ids: the sampler draws from all
     of them, and an id past the tokenizer's decodes to nothing instead of failing."""
@@ -193,7 +195,6 @@ def test_information_is_cut_with_its_closing_tag_in_qwen_tokens(tok):
     assert len(cut) == 40 and cut[-len(end):] == end and cut[:40 - len(end)] == whole[:40 - len(end)]
 
 
-@pytest.mark.slow
 def test_rollout_masks_and_logprobs_with_qwen_ids(policy):
     """One --small trajectory with scripted outputs (search, memory, answer), each ending its turn with <|im_end|>:
     each turn's conversation starts with the ChatML prompt of that turn's memory, masks are 1 exactly on what the

@@ -18,6 +18,10 @@ import memsearcher as ms
 import settings
 from conftest import tiny_config, tiny_llama
 
+# The whole file is in the slow tier: reading the tokenizer out of the 98 MB GGUF file takes seconds, and
+# these tests check --smol's tokens, not a piece of the method.
+pytestmark = pytest.mark.slow
+
 ENDOFTEXT, IM_START, IM_END = 0, 1, 2
 ASSISTANT_HEADER = [IM_END, 198, IM_START, 520, 9531, 198]    # <|im_end|> \n <|im_start|> "ass" "istant" \n
 SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -90,7 +94,6 @@ def test_load_policy_ends_a_generation_at_im_end_alone(tok, tmp_path):
     assert model.generation_config.eos_token_id == [IM_END] and loaded.pad_token_id == IM_END
 
 
-@pytest.mark.slow
 def test_the_real_file_becomes_a_plain_model_that_answers(smol_file, tmp_path):
     """SmolLM2-135M-Instruct itself: dequantized once into a plain fp32 folder of its shape, which answers a
     question greedily through this project's generate."""

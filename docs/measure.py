@@ -60,7 +60,9 @@ def peak_memory_mb(device):
 
 
 def workflow_metrics(trajs, seconds, device):
-    """What the comparison table shows for one workflow."""
+    """What the comparison table shows for one workflow (its EM: the evaluations' reward)."""
+    for t in trajs:
+        t["reward"] = ms.trajectory_reward(t, "em")
     m = ms.summarize(trajs)
     return {"em": m["em"], "turns": m["turns"], "context_mean": m["context_tokens_per_turn"],
             "context_max": m["context_tokens_max"], "processed_tokens": m["processed_tokens"],
