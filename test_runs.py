@@ -317,6 +317,29 @@ def test_a_cpu_run_that_needs_more_memory_than_is_free_is_warned_before_the_work
     assert "may be killed for memory" in warning and f"--micro-batch-tokens ({too_many.micro_batch_tokens}" in warning
 
 
+def resident_mb():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists() or "MALLOC_MMAP_THRESHOLD_" in os.environ,
+                    reason="glibc's heap, on Linux")
+def test_memory_that_a_step_freed_goes_back_to_the_os(tmp_path, monkeypatch):
+    """Tensors of a few MB come from glibc's heap once a larger one has been freed, and stay resident after they
+    are freed: release_freed_memory gives them back. A run calls it after every step and every evaluation."""
+    big = torch.ones(2**22)                   # 16 MB, mapped on its own: freeing it raises glibc's mmap threshold
+    del big
+    tensors = [torch.ones(2**20) for _ in range(100)]                 # 100 x 4 MB, from the heap
+    kept = tensors[-1]                        # the heap's top stays in use: only a trim gives the rest back
+    del tensors
+    before = resident_mb()
+    runs.release_freed_memory()
+    assert before - resident_mb() > 300 and kept.sum() == 2**20
+    calls = []
+    monkeypatch.setattr(runs, "release_freed_memory", lambda: calls.append(1))
+    train(quick_config(tmp_path / "run"))
+    assert logged_steps(tmp_path / "run") == ([1, 2], [0, 2]) and len(calls) == 2 + 2
+
+
 def test_what_can_be_checked_is_refused_before_any_work(tmp_path, monkeypatch):
     """Each refusal comes before the warm start or the index is built, and leaves the earlier run as it was."""
     out, warm_dir = tmp_path / "run", tmp_path / "warm"

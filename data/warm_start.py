@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 import memsearcher as ms
 from retriever import format_hits, load_corpus, local_searcher
-from runs import memory_warning, save_model, take_lock, tidy, write_atomic
+from runs import memory_warning, release_freed_memory, save_model, take_lock, tidy, write_atomic
 
 # Bump a workflow's number when this file changes what its warm start (tiny or cold) produces: kept ones are
 # then built again.
@@ -192,6 +192,7 @@ def reuse_or_build(cfg, folder, settings, questions, build):
     save_model(model, tokenizer, folder)
     del model                                           # GRPO loads the kept copy next: free this one's memory
     gc.collect()
+    release_freed_memory()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log["build_s"] = round(time.time() - t0, 1)

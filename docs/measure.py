@@ -24,7 +24,8 @@ checkpoints, --resume, evaluation) with Qwen2.5's real tokenizer and a random Qw
 logprob-memory: peak memory of chunked log-probs (memsearcher.token_logprobs) vs full logits, Qwen2.5's vocab.
 sampler: the time of one sampling step, memsearcher.SampleFromSoftmax vs torch.multinomial.
 bm25: retriever.py's BM25 index on synthetic corpora of N passages: build time, memory, query latency.
-curves: reward per step and greedy EM per evaluation of a run, from its metrics.jsonl, as a PNG.
+curves: per GRPO step the reward, the share that answered and the mixed groups, and greedy EM per evaluation,
+of one run or several (seeds) on the same axes, from their metrics.jsonl, as a PNG.
 The PNGs need matplotlib (pip install matplotlib); nothing else does.
 """
 import argparse
@@ -358,23 +359,33 @@ def sampler_speed(rows=128, vocab=2813, calls=200):
 # -----------------------------------------------------------------------------------------------------------
 # A run's curves.
 
-def plot_curves(out):
-    """Reward per step and EM per evaluation -> out/curves.png (needs matplotlib)."""
-    plt = pyplot_or_none(out / "curves.png", "; the numbers are in metrics.jsonl")
+def plot_curves(folders):
+    """Per GRPO step, the training reward, the share of trajectories that answered and the share of groups with
+    mixed rewards (a collapse shows in the last two before the mean); greedy test EM per evaluation. Several runs
+    (seeds) share the axes -> curves.png in the first run's folder (needs matplotlib)."""
+    out = folders[0] / "curves.png"
+    plt = pyplot_or_none(out, "; the numbers are in metrics.jsonl")
     if plt is None:
         return
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    train_steps = [(r["step"], r["reward"]) for r in records if "reward" in r]
-    evals = [(r["step"], r["eval"]["em"]) for r in records if "eval" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    if train_steps:
-        axes[0].plot(*zip(*train_steps))
-    axes[0].set(title="training reward (mean over sampled trajectories)", xlabel="GRPO step")
-    axes[1].plot(*zip(*evals), marker="o")
-    axes[1].set(title="greedy test EM", xlabel="GRPO step", ylim=(0, 1))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    titles = ["training reward", "share of trajectories that answered", "share of groups with mixed rewards",
+              "greedy test EM"]
+    for folder in folders:
+        records = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+        steps = [r for r in records if "reward" in r]
+        evals = [(r["step"], r["eval"]["em"]) for r in records if "eval" in r]
+        for ax, key in zip(axes, ["reward", "answered", "mixed_groups"]):
+            ax.plot([r["step"] for r in steps], [r[key] for r in steps], label=folder.name)
+        axes[3].plot(*zip(*evals), marker="o", label=folder.name)
+    for ax, title in zip(axes, titles):
+        ax.set(title=title, xlabel="GRPO step")
+    for ax in axes[1:]:
+        ax.set_ylim(0, 1)
+    if len(folders) > 1:
+        axes[3].legend()
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    print(f"plots: {out / 'curves.png'}")
+    fig.savefig(out, dpi=100)
+    print(f"plots: {out}")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -626,9 +637,11 @@ def main(argv=None):
             parser.error(f"every N must be at least 1 (got {min(args.sizes)})")
         bm25_at_scale(args.sizes)
     else:
-        if len(rest) != 1 or not (Path(rest[0]) / "metrics.jsonl").is_file():
-            raise SystemExit("usage: python docs/measure.py curves RUN_FOLDER (a folder with a metrics.jsonl)")
-        plot_curves(Path(rest[0]))
+        missing = [f for f in rest if not (Path(f) / "metrics.jsonl").is_file()]
+        if not rest or missing:
+            raise SystemExit("usage: python docs/measure.py curves RUN_FOLDER [RUN_FOLDER ...] (folders with a "
+                             f"metrics.jsonl){'; without one: ' + ', '.join(missing) if missing else ''}")
+        plot_curves([Path(f) for f in rest])
 
 
 if __name__ == "__main__":
