@@ -530,7 +530,7 @@ def preflight(m, reward):
     why = ("no test trajectory answered, and a trajectory that never answers gets reward 0" if not answered else
            "none answered right, and with --reward em a wrong answer gets 0 as well")
     tries = ["a cold start that teaches the format first: on the toy world, --warm-steps N imitates its scripted "
-             "expert before GRPO (--small does 300 steps, --tiny 3600)",
+             "expert before GRPO (--small does 300 steps, --smol 60, --tiny 3600)",
              *(["--reward f1, the official reward: 0.1 for any well-formed answer, so answering already pays"]
                if reward == "em" else []),
              "a larger model (the paper trains Qwen2.5-3B/7B-Instruct; models under 3B rarely learn from RL alone)",

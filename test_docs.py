@@ -27,20 +27,20 @@ def test_every_broken_variant_in_docs_mutants_applies_to_the_current_code():
 def test_the_small_path_is_rehearsed_on_the_cpu_with_qwens_tokenizer_and_shape(tmp_path):
     """docs/measure.py small-rehearsal: `--small` with Qwen2.5's real tokenizer and vocabulary and a one-layer
     model of Qwen2.5-0.5B's width, through cold start, pre-flight, a GRPO step (KL, two updates, --small's
-    log-prob chunks), its checkpoint, --resume for a second step, and the final evaluation. It checks the path,
-    not learning: random weights never answer, so every advantage is 0 and the steps move no weight (the
-    resume tests in test_runs.py and test_memsearcher.py train for real)."""
+    log-prob chunks), its checkpoint and the final evaluation. It checks the path, not learning: random weights
+    never answer, so every advantage is 0 and the step moves no weight (the resume tests in test_runs.py train
+    for real, one of them with --small's KL term and two updates)."""
     result = run_cli("docs/measure.py", "small-rehearsal", "--out", str(tmp_path), "--layers", "1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "rehearsal.json").read_text())
     assert report["parameters_m"] > 150 and report["cold_start_s"] > 0      # the 151,936 x 896 embedding
-    assert report["preflight_warned"] and report["resumed"] and list(report["steps"]) == ["1", "2"]
-    assert report["checkpoints"] == ["checkpoint-000002"] and report["eval_final_s"] > 0
-    assert all(p["peak_rss_mb"] > 1000 for p in (report["first_process"], report["resumed_process"]))
+    assert report["preflight_warned"] and list(report["steps"]) == ["1"] and report["steps"]["1"]["kl"] == 0
+    assert report["checkpoints"] == ["checkpoint-000001"] and report["eval_final_s"] > 0
+    assert report["peak_rss_mb"] > 1000
     cold = next((tmp_path / "warm-start").glob("*/warm_start.json"))           # the cold start was built and kept
     assert json.loads(cold.read_text())["settings"]["warm_steps"] == 2
     records = runs.read_metrics(tmp_path / "run")
-    assert [r["step"] for r in records if "eval" in r] == [0, 1, 2]          # each process ends with one
+    assert [r["step"] for r in records if "eval" in r] == [0, 1]
     assert all(r["stops"] == {"action_truncated": 2} for r in records if "reward" in r)   # random weights
 
 
@@ -110,3 +110,19 @@ def test_the_workshop_runs_on_the_current_code():
     for old, new in edits:
         assert source.count(old) == 1, old
         ast.parse(source.replace(old, new))
+
+
+def test_curves_draw_several_runs_and_name_a_folder_without_metrics(tmp_path, capsys):
+    for seed in (0, 1):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        lines = [{"step": 0, "eval": {"em": 0.3}}, {"step": 1, "reward": 0.2, "answered": 1.0, "mixed_groups": 0.5},
+                 {"step": 2, "reward": 0.1 + seed, "answered": 0.5, "mixed_groups": 0.0}, {"step": 2, "eval": {"em": 0.4}}]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(SystemExit, match=f"without one: {tmp_path / 'nothing'}"):
+        measure.main(["curves", str(tmp_path / "seed0"), str(tmp_path / "nothing")])
+    measure.main(["curves", str(tmp_path / "seed0"), str(tmp_path / "seed1")])
+    png = tmp_path / "seed0" / "curves.png"
+    assert png.exists() == ("plots:" in capsys.readouterr().out)      # without matplotlib, a hint instead
+    if png.exists():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -18,9 +18,9 @@ only); and rollout throughput, batched as in training vs one trajectory at a tim
 works after `compare` (--tiny builds or reuses the warm-started tiny model), plus --compare-turns.
 smol-speed: one --smol GRPO step (8 questions x G=4) from a cold-started model: rollout and update time in fp32
 and under bf16 autocast, and the update's time and peak memory by micro-batch size.
-small-rehearsal: `--small`'s whole path on the CPU (cold start, pre-flight, two GRPO steps with its settings,
-checkpoints, --resume, evaluation) with Qwen2.5's real tokenizer and a random Qwen2.5-0.5B-shaped model cut to
---layers; the time of each phase and each process's peak memory.
+small-rehearsal: `--small`'s whole path on the CPU (cold start, pre-flight, a GRPO step with its settings, its
+checkpoint, evaluation) with Qwen2.5's real tokenizer and a random Qwen2.5-0.5B-shaped model cut to --layers;
+the time of each phase and the peak memory.
 logprob-memory: peak memory of chunked log-probs (memsearcher.token_logprobs) vs full logits, Qwen2.5's vocab.
 sampler: the time of one sampling step, memsearcher.SampleFromSoftmax vs torch.multinomial.
 bm25: retriever.py's BM25 index on synthetic corpora of N passages: build time, memory, query latency.
@@ -477,9 +477,8 @@ def run_phase(args):
 
 
 def small_rehearsal(out, layers):
-    """Build the stand-in, run --small's phases on it (cold start, step-0 evaluation and pre-flight, a GRPO step
-    and its checkpoint; then --resume for a second step and the final evaluation) -> the timings, also written
-    to out/rehearsal.json."""
+    """Build the stand-in, run --small's phases on it (cold start, step-0 evaluation and pre-flight, a GRPO step,
+    its checkpoint and the final evaluation) -> the timings, also written to out/rehearsal.json."""
     import runs
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -487,21 +486,18 @@ def small_rehearsal(out, layers):
     built_s = time.time() - t0
     args = [*REHEARSAL, "--model", str(model), "--output-dir", str(out / "run"),
             "--warm-start-dir", str(out / "warm-start")]
-    first, first_s, first_mb = run_phase(args)
-    second, second_s, second_mb = run_phase([*args, "--resume", "--steps", "2"])
+    output, run_s, run_mb = run_phase(args)
     records = runs.read_metrics(out / "run")
     steps = {r["step"]: r for r in records if "reward" in r}
     evals = {r["step"]: r for r in records if "eval" in r}
     cold = json.loads(next((out / "warm-start").glob("*/warm_start.json")).read_text())
     report = {"layers": layers, "parameters_m": round(parameters / 1e6, 1),
               "stand_in_s": round(built_s, 1), "cold_start_s": cold["build_s"], "eval_step0_s": evals[0]["eval_s"],
-              "preflight_warned": "warning: GRPO will very likely learn nothing here" in first,
+              "preflight_warned": "warning: GRPO will very likely learn nothing here" in output,
               "steps": {n: {"rollout_s": r["rollout_s"], "update_s": round(r["step_s"] - r["rollout_s"], 2),
                             "kl": r["kl"], "grad_norm": r["grad_norm"]} for n, r in sorted(steps.items())},
               "checkpoints": sorted(p.name for p in (out / "run").glob("checkpoint-*")),
-              "resumed": "resumed from" in second, "eval_final_s": evals[2]["eval_s"],
-              "first_process": {"wall_s": round(first_s, 1), "peak_rss_mb": round(first_mb)},
-              "resumed_process": {"wall_s": round(second_s, 1), "peak_rss_mb": round(second_mb)}}
+              "eval_final_s": evals[1]["eval_s"], "wall_s": round(run_s, 1), "peak_rss_mb": round(run_mb)}
     (out / "rehearsal.json").write_text(json.dumps(report, indent=1))
     print(f"--small rehearsed on the CPU: Qwen2.5-0.5B's shape cut to {layers} layer(s), "
           f"{report['parameters_m']}M parameters, the real tokenizer")
@@ -511,14 +507,11 @@ def small_rehearsal(out, layers):
             *[(f"GRPO step {n}: rollout / update (KL, 2 updates)", f"{r['rollout_s']} / {r['update_s']}")
               for n, r in report["steps"].items()],
             ("final evaluation", report["eval_final_s"]),
-            ("first process (cold start to step 1, checkpoint)", f"{report['first_process']['wall_s']}   "
-             f"peak RSS {report['first_process']['peak_rss_mb']:,} MB"),
-            ("resumed process (step 2, final evaluation)", f"{report['resumed_process']['wall_s']}   "
-             f"peak RSS {report['resumed_process']['peak_rss_mb']:,} MB")]
+            ("the whole run (start-up to final evaluation)", report["wall_s"])]
     for name, seconds in rows:
-        print(f"  {name:<52} {seconds} s" if "RSS" not in str(seconds) else f"  {name:<52} {seconds}")
-    print(f"pre-flight warned: {report['preflight_warned']}; checkpoints: {', '.join(report['checkpoints'])}; "
-          f"resumed: {report['resumed']}")
+        print(f"  {name:<52} {seconds} s")
+    print(f"peak memory {report['peak_rss_mb']:,} MB; pre-flight warned: {report['preflight_warned']}; "
+          f"checkpoints: {', '.join(report['checkpoints'])}")
     print(f"written: {out / 'rehearsal.json'}")
     return report
 
