@@ -458,7 +458,7 @@ def small_stand_in(folder, layers):
 # --small's settings, with fewer of everything: a CPU finishes them in minutes
 REHEARSAL = ["--small", "--warm-steps", "2", "--warm-batch", "2", "--steps", "1", "--questions-per-step", "1",
              "--group-size", "2", "--eval-n", "1", "--max-turns", "2", "--eval-max-turns", "2",
-             "--max-new-tokens", "96", "--save-every", "1", "--print-every", "0"]
+             "--max-new-tokens", "48", "--save-every", "1", "--print-every", "0"]
 
 
 def run_phase(args):
