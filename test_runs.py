@@ -103,6 +103,7 @@ def test_resume_after_a_kill_logs_every_step_once(tmp_path, learning, reference_
     assert logged_steps(out) == ([1, 2, 3, 4], [0, 2, 4])           # and nothing run or logged again
 
 
+@pytest.mark.slow
 def test_a_resumed_run_with_the_kl_term_and_two_updates_is_the_same_run(tmp_path, learning, reference_runs):
     """--small's update (the frozen reference loaded again from the initial policy, the rollout policy's
     log-probs for the second update), stopped after a step and resumed."""
