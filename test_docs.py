@@ -126,6 +126,9 @@ def test_curves_draw_several_runs_and_name_a_folder_without_metrics(tmp_path, ca
     assert png.exists() == ("plots:" in capsys.readouterr().out)      # without matplotlib, a hint instead
     if png.exists():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        figure = measure.plot_curves([tmp_path / "seed0", tmp_path / "seed1"])
+        drawn = [[list(line.get_ydata()) for line in ax.lines] for ax in figure.axes]
+        assert drawn == [[[0.2, 0.1], [0.2, 1.1]], [[1.0, 0.5]] * 2, [[0.5, 0.0]] * 2, [[0.3, 0.4]] * 2]
 
 
 def test_the_readmes_commands_parse():

@@ -362,7 +362,7 @@ def sampler_speed(rows=128, vocab=2813, calls=200):
 def plot_curves(folders):
     """Per GRPO step, the training reward, the share of trajectories that answered and the share of groups with
     mixed rewards (a collapse shows in the last two before the mean); greedy test EM per evaluation. Several runs
-    (seeds) share the axes -> curves.png in the first run's folder (needs matplotlib)."""
+    (seeds) share the axes -> curves.png in the first run's folder (needs matplotlib), and the figure."""
     out = folders[0] / "curves.png"
     plt = pyplot_or_none(out, "; the numbers are in metrics.jsonl")
     if plt is None:
@@ -386,6 +386,7 @@ def plot_curves(folders):
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     print(f"plots: {out}")
+    return fig
 
 
 # -----------------------------------------------------------------------------------------------------------
