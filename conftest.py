@@ -1,5 +1,5 @@
 """What the test files share: the slow marker, the tiny model's configuration, the session's fixtures (the search
-engine, a random tiny model, the learning run) and helpers for whole runs."""
+engine, a random tiny model, Qwen's tokenizer, the learning run) and helpers for whole runs."""
 import http.server
 import json
 import os
@@ -92,6 +92,13 @@ def tiny_llama(vocab_size, **special_ids):
                                         tie_word_embeddings=True, **special_ids))
 
 
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """Qwen2.5-Instruct's real tokenizer, built offline from its BPE ranks (a few seconds: built once)."""
+    from data.qwen_tokenizer import qwen25_tokenizer
+    return qwen25_tokenizer(tmp_path_factory.mktemp("qwen25-tokenizer"))
+
+
 # A small toy world for the learning test: 2-hop bridge questions only, where keeping the first hop's fact in
 # memory decides whether the agent can finish ("In which country was X born?": X's bio, then the city).
 MINI_WORLD = dict(N_COUNTRIES=6, N_CITIES=20, N_PEOPLE=200, N_NOVELS=150, N_TRAIN=300, N_TEST=60,
@@ -112,9 +119,9 @@ def learned(tmp_path_factory):
         for k, v in saved.items():
             setattr(make_world, k, v)
     cfg = tiny_config(out, train_file=[str(out / "train.jsonl")], test_file=[str(out / "test.jsonl")],
-                      corpus=str(out / "corpus.jsonl"), pretrain_steps=200, warm_steps=600, steps=15, lr=3e-4,
-                      questions_per_step=8, max_turns=4, eval_max_turns=4, eval_n=0, eval_every=0, print_every=0,
-                      seed=0)
+                      corpus=str(out / "corpus.jsonl"), pretrain_steps=200, warm_steps=600, warm_batch=4, steps=15,
+                      lr=3e-4, questions_per_step=8, max_turns=4, eval_max_turns=4, eval_n=0, eval_every=0,
+                      print_every=0, seed=0)
     train(cfg)
     evals = [json.loads(line)["eval"] for line in open(out / "metrics.jsonl") if '"eval"' in line]
     return cfg, evals[0], evals[-1]

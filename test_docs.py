@@ -24,21 +24,22 @@ def test_every_broken_variant_in_docs_mutants_applies_to_the_current_code():
 
 
 @pytest.mark.slow
-def test_the_small_path_is_rehearsed_on_the_cpu_with_qwens_tokenizer_and_shape(tmp_path):
-    """docs/measure.py small-rehearsal: `--small` with Qwen2.5's real tokenizer and vocabulary and a one-layer
-    model of Qwen2.5-0.5B's width, through cold start, pre-flight, a GRPO step (KL, two updates, --small's
-    log-prob chunks), its checkpoint and the final evaluation. It checks the path, not learning: random weights
-    never answer, so every advantage is 0 and the step moves no weight (the resume tests in test_runs.py train
-    for real, one of them with --small's KL term and two updates)."""
-    result = run_cli("docs/measure.py", "small-rehearsal", "--out", str(tmp_path), "--layers", "1")
+def test_the_small_path_is_rehearsed_on_the_cpu_with_qwens_tokenizer_and_vocabulary(tmp_path):
+    """docs/measure.py small-rehearsal: `--small` with Qwen2.5's real tokenizer and vocabulary, on a one-layer
+    model of width 64 (the command's default is the real width, 896: the same path at 14 times the work),
+    through cold start, pre-flight, a GRPO step (KL, two updates, --small's log-prob chunks), its checkpoint and
+    the final evaluation. It checks the path, not learning: random weights never answer, so every advantage is 0
+    and the step moves no weight (the resume tests in test_runs.py train for real, one of them with --small's KL
+    term and two updates)."""
+    result = run_cli("docs/measure.py", "small-rehearsal", "--out", str(tmp_path), "--layers", "1", "--hidden", "64")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "rehearsal.json").read_text())
-    assert report["parameters_m"] > 150 and report["cold_start_s"] > 0      # the 151,936 x 896 embedding
+    assert report["parameters_m"] > 9.7 and report["cold_start_s"] > 0      # the 151,936 x 64 embedding
     assert report["preflight_warned"] and list(report["steps"]) == ["1"] and report["steps"]["1"]["kl"] == 0
     assert report["checkpoints"] == ["checkpoint-000001"] and report["eval_final_s"] > 0
-    assert report["peak_rss_mb"] > 1000
+    assert report["peak_rss_mb"] > 500                 # torch, transformers and a 151,936-row model
     cold = next((tmp_path / "warm-start").glob("*/warm_start.json"))           # the cold start was built and kept
-    assert json.loads(cold.read_text())["settings"]["warm_steps"] == 2
+    assert json.loads(cold.read_text())["settings"]["warm_steps"] == 1
     records = runs.read_metrics(tmp_path / "run")
     assert [r["step"] for r in records if "eval" in r] == [0, 1]
     assert all(r["stops"] == {"action_truncated": 2} for r in records if "reward" in r)   # random weights

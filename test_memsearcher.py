@@ -1079,18 +1079,18 @@ def test_grpo_step_groups_G_copies_and_gives_every_conversation_its_advantage(ti
 
 @pytest.mark.slow
 def test_grpo_lifts_greedy_em_over_the_imitator(learned):
-    """Multi-context GRPO must beat the imperfect imitator by 5 EM points (3 of the 60 test questions).
+    """Multi-context GRPO must beat the imperfect imitator by 4 test questions or more (of 60).
 
     The threshold sits halfway between the real method and the best broken one, measured with this seed by
-    `python docs/mutants.py --learning 1 4 5` (EM before -> after GRPO): the method as it is 0.033 -> 0.133 (+6
-    questions); the advantage's sign flipped 0.033 -> 0.000; every token of a conversation trained 0.033 -> 0.017;
-    the advantage only on each trajectory's final conversation 0.033 -> 0.033 (the forgetting happens in the
-    memory-writing turns before it). Another CPU may round floats otherwise and sample other trajectories, so the
-    threshold keeps 3 questions of room on either side rather than sitting next to one run's figure.
+    `python docs/mutants.py --learning 1 4 5` (EM before -> after GRPO): the method as it is 0.000 -> 0.117 (+7
+    questions); the advantage's sign flipped 0.000 -> 0.017; every token of a conversation trained 0.000 ->
+    0.000; the advantage only on each trajectory's final conversation 0.000 -> 0.000 (the forgetting happens in
+    the memory-writing turns before it). Another CPU may round floats otherwise and sample other trajectories:
+    seeds 1 and 2, which stand in for them, gave +7 and +10 questions.
     """
     _, before, after = learned
     print(f"learning test: greedy EM {before['em']:.3f} -> {after['em']:.3f}")      # docs/mutants.py --learning
-    assert after["em"] - before["em"] > 0.04, (before, after)       # 3 questions or more (2 are 0.033)
+    assert after["em"] - before["em"] > 0.06, (before, after)       # 4 questions or more (3 are 0.050)
     assert after["answered"] > before["answered"]
 
 

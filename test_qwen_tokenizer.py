@@ -17,8 +17,8 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 import memsearcher as ms
-from data.qwen_tokenizer import DEFAULT_SYSTEM, NOT_SPECIAL, SPECIAL, qwen25_05b_shaped, qwen25_tokenizer, qwen_ranks
-from data.warm_start import QWEN_SPLIT
+from data.qwen_tokenizer import DEFAULT_SYSTEM, NOT_SPECIAL, SPECIAL, qwen_ranks
+from data.warm_start import QWEN_SPLIT, small_qwen2
 
 # The whole file is in the slow tier: building Qwen's 151,643-token tokenizer takes seconds, and these tests
 # check --small's tokens, not a piece of the method (test_memsearcher.py checks those on the tiny tokenizer).
@@ -56,11 +56,6 @@ CHAT_IDS = [151644, 8948, 198, 2610, 525, 1207, 16948, 11, 3465, 553, 54364, 148
 
 
 @pytest.fixture(scope="session")
-def qwen_dir(tmp_path_factory):
-    return qwen25_tokenizer(tmp_path_factory.mktemp("qwen25-tokenizer"))
-
-
-@pytest.fixture(scope="session")
 def tok(qwen_dir):
     return AutoTokenizer.from_pretrained(qwen_dir)
 
@@ -68,10 +63,11 @@ def tok(qwen_dir):
 @pytest.fixture(scope="session")
 def policy(tmp_path_factory, qwen_dir):
     """load_policy on a folder laid out like the hub's Qwen2.5-0.5B-Instruct: this tokenizer, a random one-layer
-    model of its shape (bf16 on disk, as the hub's), and its generation_config (two end ids, sampling defaults)."""
+    model over its vocabulary (width 64: the real width is test_memsearcher.py's; bf16 on disk, as the hub's), and
+    its generation_config (two end ids, sampling defaults)."""
     path = tmp_path_factory.mktemp("qwen25-policy")
     torch.manual_seed(0)
-    model = qwen25_05b_shaped(layers=1)
+    model = small_qwen2(151_936, 64, 1, bos_token_id=ENDOFTEXT, eos_token_id=IM_END, pad_token_id=ENDOFTEXT)
     model.generation_config = GenerationConfig(bos_token_id=ENDOFTEXT, pad_token_id=ENDOFTEXT,
                                                eos_token_id=[IM_END, ENDOFTEXT], do_sample=True, temperature=0.7,
                                                top_p=0.8, top_k=20, repetition_penalty=1.05)

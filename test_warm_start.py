@@ -6,6 +6,7 @@ experts, imitation, building once and reusing), offline on the CPU.
 import codecs
 import json
 import re
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -111,11 +112,10 @@ def test_warm_start_is_built_once_per_setting_and_reused(tmp_path, capsys, monke
 
 
 @pytest.fixture(scope="session")
-def qwen_model(tmp_path_factory):
+def qwen_model(tmp_path_factory, qwen_dir):
     """A model folder that is not the tiny one: Qwen2.5's real tokenizer and chat template (built offline) and a
     random Qwen2 of one layer of hidden size 64 over its 151,936-row vocabulary."""
-    from data.qwen_tokenizer import qwen25_tokenizer
-    path = Path(qwen25_tokenizer(tmp_path_factory.mktemp("qwen2-h64")))
+    path = Path(shutil.copytree(qwen_dir, tmp_path_factory.mktemp("qwen2-h64"), dirs_exist_ok=True))
     torch.manual_seed(0)
     warm.small_qwen2(151_936, 64, 1, bos_token_id=None, eos_token_id=151645,
                      pad_token_id=151643).save_pretrained(path)

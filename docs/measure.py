@@ -19,8 +19,8 @@ works after `compare` (--tiny builds or reuses the warm-started tiny model), plu
 smol-speed: one --smol GRPO step (8 questions x G=4) from a cold-started model: rollout and update time in fp32
 and under bf16 autocast, and the update's time and peak memory by micro-batch size.
 small-rehearsal: `--small`'s whole path on the CPU (cold start, pre-flight, a GRPO step with its settings, its
-checkpoint, evaluation) with Qwen2.5's real tokenizer and a random Qwen2.5-0.5B-shaped model cut to --layers;
-the time of each phase and the peak memory.
+checkpoint, evaluation) with Qwen2.5's real tokenizer and a random Qwen2.5-0.5B-shaped model cut to --layers
+(and --hidden); the time of each phase and the peak memory.
 logprob-memory: peak memory of chunked log-probs (memsearcher.token_logprobs) vs full logits, Qwen2.5's vocab.
 sampler: the time of one sampling step, memsearcher.SampleFromSoftmax vs torch.multinomial.
 bm25: retriever.py's BM25 index on synthetic corpora of N passages: build time, memory, query latency.
@@ -441,15 +441,17 @@ def smol_speed(folder, micro_batches):
 # term, two updates per step, log-probs in chunks of 256), at a size a CPU finishes in minutes. Random weights never
 # end their turn, so every generation runs to its token limit: this checks the path, not learning.
 
-def small_stand_in(folder, layers):
+def small_stand_in(folder, layers, hidden):
     """A model folder as the hub gives Qwen/Qwen2.5-0.5B-Instruct, built offline: the real tokenizer, the
     generation config Qwen ships (both end ids, its sampling defaults) and random weights of the real shape,
-    cut to `layers` layers -> (folder, parameters)."""
+    cut to `layers` layers (and to width `hidden`, less than its 896, to check the path with less work)
+    -> (folder, parameters)."""
     from transformers import GenerationConfig
     from data.qwen_tokenizer import qwen25_tokenizer
     qwen25_tokenizer(folder)
     torch.manual_seed(0)
-    model = qwen25_05b_shaped(layers)
+    model = qwen25_05b_shaped(layers) if hidden == 896 else \
+        small_qwen2(151_936, hidden, layers, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
     model.save_pretrained(folder)
     GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=True,
                      temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05).save_pretrained(folder)
@@ -457,9 +459,9 @@ def small_stand_in(folder, layers):
 
 
 # --small's settings, with fewer of everything: a CPU finishes them in minutes
-REHEARSAL = ["--small", "--warm-steps", "2", "--warm-batch", "2", "--steps", "1", "--questions-per-step", "1",
+REHEARSAL = ["--small", "--warm-steps", "1", "--warm-batch", "2", "--steps", "1", "--questions-per-step", "1",
              "--group-size", "2", "--eval-n", "1", "--max-turns", "2", "--eval-max-turns", "2",
-             "--max-new-tokens", "48", "--save-every", "1", "--print-every", "0"]
+             "--max-new-tokens", "16", "--save-every", "1", "--print-every", "0"]
 
 
 def run_phase(args):
@@ -477,13 +479,13 @@ def run_phase(args):
     return output, time.time() - t0, usage.ru_maxrss / 1024
 
 
-def small_rehearsal(out, layers):
+def small_rehearsal(out, layers, hidden):
     """Build the stand-in, run --small's phases on it (cold start, step-0 evaluation and pre-flight, a GRPO step,
     its checkpoint and the final evaluation) -> the timings, also written to out/rehearsal.json."""
     import runs
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    model, parameters = small_stand_in(out / f"qwen2.5-0.5b-shaped-{layers}-layers", layers)
+    model, parameters = small_stand_in(out / f"qwen2.5-0.5b-shaped-{layers}-layers-{hidden}-wide", layers, hidden)
     built_s = time.time() - t0
     args = [*REHEARSAL, "--model", str(model), "--output-dir", str(out / "run"),
             "--warm-start-dir", str(out / "warm-start")]
@@ -492,7 +494,7 @@ def small_rehearsal(out, layers):
     steps = {r["step"]: r for r in records if "reward" in r}
     evals = {r["step"]: r for r in records if "eval" in r}
     cold = json.loads(next((out / "warm-start").glob("*/warm_start.json")).read_text())
-    report = {"layers": layers, "parameters_m": round(parameters / 1e6, 1),
+    report = {"layers": layers, "hidden": hidden, "parameters_m": round(parameters / 1e6, 1),
               "stand_in_s": round(built_s, 1), "cold_start_s": cold["build_s"], "eval_step0_s": evals[0]["eval_s"],
               "preflight_warned": "warning: GRPO will very likely learn nothing here" in output,
               "steps": {n: {"rollout_s": r["rollout_s"], "update_s": round(r["step_s"] - r["rollout_s"], 2),
@@ -500,10 +502,10 @@ def small_rehearsal(out, layers):
               "checkpoints": sorted(p.name for p in (out / "run").glob("checkpoint-*")),
               "eval_final_s": evals[1]["eval_s"], "wall_s": round(run_s, 1), "peak_rss_mb": round(run_mb)}
     (out / "rehearsal.json").write_text(json.dumps(report, indent=1))
-    print(f"--small rehearsed on the CPU: Qwen2.5-0.5B's shape cut to {layers} layer(s), "
+    print(f"--small rehearsed on the CPU: Qwen2.5-0.5B's shape cut to {layers} layer(s) of width {hidden}, "
           f"{report['parameters_m']}M parameters, the real tokenizer")
     rows = [("build the stand-in (tokenizer, random weights)", report["stand_in_s"]),
-            ("cold start (2 imitation steps)", report["cold_start_s"]),
+            ("cold start (1 imitation step)", report["cold_start_s"]),
             ("step-0 evaluation (1 question) and pre-flight", report["eval_step0_s"]),
             *[(f"GRPO step {n}: rollout / update (KL, 2 updates)", f"{r['rollout_s']} / {r['update_s']}")
               for n, r in report["steps"].items()],
@@ -612,9 +614,10 @@ def main(argv=None):
     elif command == "small-rehearsal":
         parser = argparse.ArgumentParser(prog="docs/measure.py small-rehearsal")
         parser.add_argument("--layers", type=int, default=1, help="of Qwen2.5-0.5B's 24")
+        parser.add_argument("--hidden", type=int, default=896, help="Qwen2.5-0.5B's width; less checks the path faster")
         parser.add_argument("--out", default="runs/small-rehearsal", help="where the stand-in, runs and JSON go")
         args = parser.parse_args(rest)
-        small_rehearsal(Path(args.out), args.layers)
+        small_rehearsal(Path(args.out), args.layers, args.hidden)
     elif command == "logprob-memory":
         parser = argparse.ArgumentParser(prog="docs/measure.py logprob-memory")
         parser.add_argument("--chunk", type=int, default=256, help="positions per chunk (memsearcher's default)")
