@@ -26,7 +26,7 @@ def test_every_broken_variant_in_docs_mutants_applies_to_the_current_code():
 @pytest.mark.slow
 def test_the_small_path_is_rehearsed_on_the_cpu_with_qwens_tokenizer_and_vocabulary(tmp_path):
     """docs/measure.py small-rehearsal: `--small` with Qwen2.5's real tokenizer and vocabulary, on a one-layer
-    model of width 64 (the command's default is the real width, 896: the same path at 14 times the work),
+    model of width 64 (the command's default is the real width, 896, an embedding 14 times as large),
     through cold start, pre-flight, a GRPO step (KL, two updates, --small's log-prob chunks), its checkpoint and
     the final evaluation. It checks the path, not learning: random weights never answer, so every advantage is 0
     and the step moves no weight (the resume tests in test_runs.py train for real, one of them with --small's KL

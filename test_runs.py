@@ -706,3 +706,4 @@ def test_a_torchrun_of_two_processes_is_one_run(tmp_path, learned):
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()[-3000:]
     assert_same_run(tmp_path / "stopped", tmp_path / "whole")
     assert logged_steps(tmp_path / "stopped") == ([1, 2, 3], [0, 3])
+    assert any(rec["mixed_groups"] > 0 for rec in runs.read_metrics(tmp_path / "whole") if "reward" in rec)
